@@ -1,0 +1,235 @@
+"""A decoder-only GPT (GPT-2 layout) written from torch primitives.
+
+Parameter names follow GPT-2/nanoGPT (transformer.wte, transformer.h.{i}.attn.c_attn, ..., lm_head) so that
+nanoGPT checkpoints and converted Hugging Face GPT-2 weights load without renaming.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from .config import GPTConfig
+
+
+def sinusoidal_table(n_pos: int, n_embd: int) -> torch.Tensor:
+    """Vaswani et al. 2017: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d))."""
+    pos = torch.arange(n_pos, dtype=torch.float64).unsqueeze(1)  # (P, 1)
+    two_i = torch.arange(0, n_embd, 2, dtype=torch.float64)  # (ceil(d/2),)
+    angle = pos / torch.pow(10000.0, two_i / n_embd)  # (P, ceil(d/2))
+    table = torch.zeros(n_pos, n_embd, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle[:, : n_embd // 2])  # odd d: one fewer cosine column
+    return table.float()
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, pos), preallocated up to max_len positions.
+
+    Layout (n_layer, B, n_head, max_len, head_dim). The model writes each layer's new keys/values with
+    `update` and advances `pos` once per forward; beam search permutes rows with `reorder`.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
+                 device=None, dtype=torch.float32):
+        max_len = config.block_size if max_len is None else max_len
+        if not 0 < max_len <= config.block_size:
+            raise ValueError(f"max_len must be in [1, block_size={config.block_size}], got {max_len}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at positions [pos, pos+T); return all keys/values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, pos+T, hs)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (beam search: each new beam continues an old one)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+
+    def reset(self) -> None:
+        self.pos = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.attention = config.attention
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.size()
+        nh, hs = self.n_head, C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each, from (B, T, 3C)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, S, hs), S = cached positions + T
+        S = k.size(2)
+        past = S - T  # query i sits at absolute position past + i and sees keys 0..past+i
+        # a mask is needed only when new queries follow cached keys; T == 1 sees everything
+        mask = None if (past == 0 or T == 1) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(past)
+        if self.attention == "sdpa":
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                is_causal=(past == 0 and T > 1),
+            )  # (B, nh, T, hs)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, S)
+            if T > 1:
+                if mask is None:
+                    mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(past)
+                att = att.masked_fill(~mask, float("-inf"))
+            att = F.softmax(att, dim=-1)
+            att = self.attn_dropout(att)
+            y = att @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C), heads side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's activation, so its weights give its logits
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gelu(self.c_fc(x))  # (B, T, 4C)
+        return self.dropout(self.c_proj(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if not isinstance(config, GPTConfig):
+            raise ValueError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = config
+        modules = dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        )
+        if config.pos_encoding == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        self.transformer = nn.ModuleDict(modules)
+        if config.pos_encoding == "sinusoidal":
+            # fixed table, rebuilt from the config, so it is not saved in checkpoints
+            self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: the head is the embedding transposed
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2·n_layer), two residual adds per block
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (the tied head counted once).
+
+        non_embedding=True follows Kaplan et al. 2020: leave out the token embedding (= the tied head) and
+        the learned position table. The closed form is in model.flops.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                kv_cache: KVCache | None = None, last_only: bool = False):
+        """idx (B, T) token ids -> (logits, loss).
+
+        logits are (B, T, vocab), or (B, 1, vocab) with last_only=True (generation needs only the last
+        position). loss is the mean cross-entropy over targets != -1 when targets are given, else None.
+        With kv_cache, idx continues the cached positions and the cache advances by T.
+        """
+        if idx.dim() != 2:
+            raise ValueError(f"idx must be 2-D (batch, time), got shape {tuple(idx.shape)}")
+        B, T = idx.size()
+        past = kv_cache.pos if kv_cache is not None else 0
+        if T == 0:
+            raise ValueError("idx has no tokens (T=0)")
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} positions exceeds block_size={self.config.block_size}")
+        if kv_cache is not None and past + T > kv_cache.max_len:
+            raise ValueError(f"sequence of {past + T} positions exceeds the cache's max_len={kv_cache.max_len}")
+        tok = self.transformer.wte(idx)  # (B, T, C)
+        if self.config.pos_encoding == "learned":
+            pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)  # (T,)
+            x = tok + self.transformer.wpe(pos)  # (B, T, C)
+        else:
+            x = tok + self.pos_table[past:past + T].to(tok.dtype)  # (B, T, C)
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, i)  # (B, T, C)
+        if kv_cache is not None:
+            kv_cache.pos = past + T
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        if last_only:
+            x = x[:, -1:, :]  # (B, 1, C)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}")
+            if last_only:
+                raise ValueError("last_only=True cannot compute a loss over all positions")
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.transformer.wte.weight
+        return KVCache(self.config, batch_size, max_len, device=p.device, dtype=p.dtype)
+
+    def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float],
+                            device_type: str = "cpu") -> torch.optim.AdamW:
+        """AdamW with decoupled weight decay on 2-D weights (matmuls, embeddings) only, none on biases/LN."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # fused is a single kernel on CUDA; on CPU foreach is the fastest stable choice
+        extra = {"fused": True} if device_type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
