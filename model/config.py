@@ -80,6 +80,7 @@ class TrainConfig:
     seed: int = 1337
     peak_flops: float = 0.0  # peak FLOP/s for MFU; 0 means look up the GPU or calibrate the CPU
     resume: bool = False  # continue from out_dir/last.pt
+    overwrite: bool = False  # start afresh even though out_dir already holds a checkpoint
     progress: bool = True  # show the tqdm progress bar
 
     def __post_init__(self) -> None:
@@ -118,8 +119,14 @@ def _field_types(cls) -> dict[str, type]:
     return {f.name: hints[f.type] if isinstance(f.type, str) else f.type for f in fields(cls)}
 
 
+class Text(str):
+    """A value typed on the command line: parsed from text, unlike TOML values, which carry their own type."""
+
+
 def convert(key: str, value: Any, typ: type) -> Any:
-    """Convert a TOML value or a command-line string to the field's type, or raise ValueError."""
+    """Convert a TOML value or a command-line `Text` to the field's type, or raise ValueError."""
+    if isinstance(value, str) and typ is not str and not isinstance(value, Text):
+        raise ValueError(f"{key} expects {typ.__name__}, got the string {value!r} (drop the quotes)")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -149,14 +156,17 @@ def convert(key: str, value: Any, typ: type) -> Any:
     raise ValueError(f"--{key} expects {typ.__name__}, got {value!r}")
 
 
-def parse_overrides(args: Iterable[str]) -> dict[str, str]:
-    """['--n_layer=4', '--lr=3e-4'] -> {'n_layer': '4', 'lr': '3e-4'}. Dashes in keys become underscores."""
-    out: dict[str, str] = {}
+def parse_overrides(args: Iterable[str]) -> dict[str, str | None]:
+    """['--n_layer=4', '--resume'] -> {'n_layer': '4', 'resume': None}. Dashes in keys become underscores.
+
+    A bare --flag (value None) sets a bool field to True; any other field needs a value.
+    """
+    out: dict[str, str | None] = {}
     for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
+        if not arg.startswith("--") or len(arg) == 2:
             raise ValueError(f"expected --key=value, got {arg!r}")
-        key, value = arg[2:].split("=", 1)
-        out[key.replace("-", "_")] = value
+        key, eq, value = arg[2:].partition("=")
+        out[key.replace("-", "_")] = Text(value) if eq else None
     return out
 
 
@@ -190,6 +200,10 @@ def build(classes: tuple[type, ...], values: dict[str, Any], defaults: dict[str,
     kwargs: dict[type, dict[str, Any]] = {cls: {} for cls in classes}
     for key, value in {**(defaults or {}), **values}.items():
         cls, typ = types[key]
+        if value is None:
+            if typ is not bool:
+                raise ValueError(f"--{key} needs a value: --{key}=...")
+            value = True
         kwargs[cls][key] = convert(key, value, typ)
     return tuple(cls(**kwargs[cls]) for cls in classes)
 

@@ -1,0 +1,144 @@
+"""Checkpoints: atomic writes, `weights_only` loads, and everything a bit-exact resume needs.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no pickled classes), so it loads
+with `torch.load(weights_only=True)`:
+    format, step, best_val_loss, model (state dict, clean names), model_config, train_config,
+    optimizer, rng {torch, cuda, numpy, python}, batches (sampler state), meta (tokenizer), dataset
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import GPTConfig
+from .gpt import GPT
+
+FORMAT = "flopgpt-1"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write `state` to `path` atomically: temp file in the same folder, fsync, rename, fsync the folder.
+
+    A process killed at any moment leaves either the previous file or the new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict safely; every failure is a ValueError/FileNotFoundError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is torn or foreign
+        raise ValueError(f"{path}: truncated or corrupt checkpoint (not a torch zip archive)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ValueError(f"{path}: truncated or corrupt checkpoint ({e})") from None
+        culprit = re.search(r"GLOBAL (\S+)", str(e))
+        raise ValueError(f"{path}: refusing to load: the file holds pickled objects, not only tensors and "
+                         f"plain data ({culprit.group(1) if culprit else 'unsupported object'})") from None
+    except Exception as e:  # the loader raises many types on torn data: all mean the same to the user
+        raise ValueError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"{path}: not a checkpoint (expected a dict with a 'model' state dict)")
+    return ckpt
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop torch.compile's and DDP's wrapper prefixes so names match the plain GPT."""
+    out = {}
+    for k, v in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>",
+                          device: str | torch.device = "cpu") -> GPT:
+    """Rebuild the GPT a flopgpt checkpoint describes and load its weights."""
+    try:
+        config = GPTConfig(**ckpt["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid or missing model_config ({e})") from None
+    model = GPT(config)
+    load_weights(model, ckpt["model"], path)
+    return model.to(device)
+
+
+def load_weights(model: GPT, state: dict[str, torch.Tensor], path: str | Path = "<checkpoint>") -> None:
+    """Load a state dict strictly; a config/weights mismatch is a ValueError naming the file and tensor."""
+    state = clean_state_dict(state)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the model config (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the config expects {tuple(own[k].shape)}")
+    model.load_state_dict(state)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
+    """(model in eval mode, info) from a flopgpt checkpoint; info has meta, dataset, step, configs."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a flopgpt checkpoint (format {ckpt.get('format')!r}); "
+                         f"for nanoGPT or Hugging Face weights use GPT.from_pretrained")
+    model = model_from_checkpoint(ckpt, path, device).eval()
+    info = {k: ckpt.get(k) for k in ("meta", "dataset", "step", "best_val_loss", "model_config", "train_config")}
+    return model, info
+
+
+# ----------------------------------------------------------------------------------------------------
+# RNG state: everything random in a run, so a resumed run draws the same numbers.
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"] = {"key": np_state["state"]["key"].tolist(), "pos": np_state["state"]["pos"]}  # no ndarrays
+    state = {"torch": torch.get_rng_state(), "numpy": np_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = dict(state["numpy"])
+    np_state["state"] = {"key": np.array(np_state["state"]["key"], dtype=np.uint32), "pos": np_state["state"]["pos"]}
+    np.random.set_state(np_state)
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))  # lists after a round trip through the loader
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

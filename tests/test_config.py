@@ -1,0 +1,114 @@
+"""Config parsing: TOML files, typed --key=value overrides, and errors that name the offending value."""
+import pytest
+
+from model.config import GPTConfig, TrainConfig, build, convert, load, parse_overrides
+
+
+def test_defaults_are_gpt2_124m():
+    c = GPTConfig()
+    assert (c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd) == (50257, 1024, 12, 12, 768)
+    assert c.head_dim == 64
+
+
+def test_overrides_are_typed_by_field():
+    m, t = build((GPTConfig, TrainConfig), parse_overrides(
+        ["--n_layer=3", "--lr=3e-4", "--compile=true", "--dataset=x", "--dropout=0", "--resume"]))
+    assert m.n_layer == 3 and isinstance(m.n_layer, int)
+    assert t.lr == 3e-4 and isinstance(t.lr, float)
+    assert t.compile is True and t.resume is True and t.dataset == "x"
+    assert m.dropout == 0.0 and isinstance(m.dropout, float)
+
+
+def test_dashes_and_underscores_in_numbers():
+    (t,) = build((TrainConfig,), parse_overrides(["--max-iters=1_000"]))
+    assert t.max_iters == 1000
+
+
+def test_toml_file_and_override_precedence(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('n_layer = 2\nn_head = 2\nn_embd = 64\nlr = 0.01\npos_encoding = "sinusoidal"\n')
+    m, t = load(p, ["--lr=0.5"])
+    assert (m.n_layer, m.n_embd, m.pos_encoding) == (2, 64, "sinusoidal")
+    assert t.lr == 0.5
+
+
+def test_unknown_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'n_layers'; valid keys: .*n_layer"):
+        load(None, ["--n_layers=3"])
+    p = tmp_path / "c.toml"
+    p.write_text("learning_rate = 1.0\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        load(p)
+
+
+@pytest.mark.parametrize("arg, match", [
+    ("--n_layer=three", r"--n_layer expects int, got 'three'"),
+    ("--lr=fast", r"--lr expects float, got 'fast'"),
+    ("--compile=maybe", r"--compile expects bool, got 'maybe'"),
+    ("--lr", r"--lr needs a value"),
+    ("n_layer=3", r"expected --key=value"),
+])
+def test_bad_values(arg, match):
+    with pytest.raises(ValueError, match=match):
+        load(None, [arg])
+
+
+def test_wrong_toml_type_is_an_error(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('n_layer = "4"\n')
+    with pytest.raises(ValueError, match="n_layer expects int"):
+        load(p)
+
+
+def test_toml_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.toml"):
+        load(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("n_layer = = 3\n")
+    with pytest.raises(ValueError, match="invalid TOML"):
+        load(bad)
+    tab = tmp_path / "tab.toml"
+    tab.write_text("[model]\nn_layer = 3\n")
+    with pytest.raises(ValueError, match="tables are not used"):
+        load(tab)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_embd": 100, "n_head": 3}, r"n_embd=100 is not divisible by n_head=3"),
+    ({"n_layer": 0}, r"n_layer must be a positive integer, got 0"),
+    ({"vocab_size": -5}, r"vocab_size must be a positive integer, got -5"),
+    ({"block_size": 2.5}, r"block_size must be a positive integer, got 2.5"),
+    ({"pos_encoding": "rope"}, r"pos_encoding must be one of .* got 'rope'"),
+    ({"attention": "flash"}, r"attention must be one of .* got 'flash'"),
+    ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
+])
+def test_invalid_model_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"lr": -1.0}, r"lr must be a finite non-negative number, got -1.0"),
+    ({"lr": 0.0}, r"lr must be positive"),
+    ({"batch_size": 0}, r"batch_size must be a positive integer, got 0"),
+    ({"min_lr": 1.0, "lr": 0.1}, r"min_lr=1.0 is larger than lr=0.1"),
+    ({"beta2": 1.0}, r"beta2 must be in \[0, 1\)"),
+    ({"device": "tpu"}, r"device must be .* got 'tpu'"),
+    ({"dtype": "float16"}, r"dtype must be one of .* got 'float16'"),
+    ({"warmup_iters": -1}, r"warmup_iters must be a non-negative integer, got -1"),
+])
+def test_invalid_train_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_convert_bool_spellings():
+    from model.config import Text
+    assert convert("x", Text("off"), bool) is False and convert("x", Text("YES"), bool) is True
+    with pytest.raises(ValueError):
+        convert("x", 1, bool)  # an int in TOML is not a bool
+
+
+def test_configs_are_frozen():
+    with pytest.raises(Exception):
+        GPTConfig().n_layer = 3
