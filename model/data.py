@@ -50,11 +50,23 @@ class Batches:
                              f"block_size+1={block_size + 1}; use a smaller block_size or more text")
         self.block_size, self.batch_size = block_size, batch_size
         self.device = torch.device(device)
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
         self._offsets = np.arange(block_size + 1)  # (T+1,) reused every batch
 
+    def _starts(self) -> np.ndarray:
+        return self.rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)  # (B,)
+
+    def skip(self) -> None:
+        """Advance exactly as next() would, without gathering (another rank trains on that batch)."""
+        self._starts()
+
+    def restart(self) -> None:
+        """Back to the first batch of the seed (evaluation sees the same batches every time)."""
+        self.rng = np.random.default_rng(self.seed)
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = self.rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)  # (B,)
+        starts = self._starts()
         # one fancy-index gather of (B, T+1) tokens, then x and y are views of it
         window = torch.from_numpy(self.data[starts[:, None] + self._offsets].astype(np.int64))  # (B, T+1)
         if self.device.type == "cuda":
