@@ -2,6 +2,7 @@
 
     python data/prepare.py                                   # pydoc corpus, char tokenizer -> data/pydoc_char
     python data/prepare.py --source shakespeare              # download tiny Shakespeare (needs the network once)
+    python data/prepare.py --source shakespeare --input input.txt   # ... or use a local copy of it
     python data/prepare.py --input notes.txt --tokenizer bpe --vocab-size 1024   # -> data/notes_bpe
     python data/prepare.py --tokenizer gpt2 --bpe-file r50k_base.tiktoken        # GPT-2 BPE, offline
 """
@@ -22,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
     p.add_argument("--source", choices=("pydoc", "file", "shakespeare"), default=None,
                    help="corpus: the embedded Python docs (default), a local file, or tiny Shakespeare")
-    p.add_argument("--input", metavar="PATH", help="local UTF-8 text file (implies --source file)")
+    p.add_argument("--input", metavar="PATH", help="local UTF-8 text file (implies --source file); with "
+                   "--source shakespeare, a local copy of tiny Shakespeare (checked by sha256)")
     p.add_argument("--tokenizer", choices=("char", "gpt2", "bpe"), default="char")
     p.add_argument("--vocab-size", type=int, metavar="N", help="bpe only: tokens to learn, >= 257 (default 4096)")
     p.add_argument("--bpe-file", metavar="PATH", help="gpt2 only: local r50k_base.tiktoken ranks file")
@@ -37,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.input is not None and args.source not in (None, "file"):
+    if args.input is not None and args.source == "pydoc":
         parser.error(f"--input {args.input} conflicts with --source {args.source}")
     source = args.source or ("file" if args.input else "pydoc")
     try:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .tokenizer import (RANKS_FILE, TOKENIZERS, CharTokenizer, TiktokenTokenizer, Tokenizer, bpe_tokenizer,
-                        gpt2_tokenizer)
+                        gpt2_tokenizer, sha256_file)
 
 DEFAULT_DATASET = "data/pydoc_char"
 SOURCES = ("pydoc", "file", "shakespeare")
@@ -109,7 +109,8 @@ class Batches:
 # Preparing a dataset: corpus -> tokenizer -> train.bin, val.bin, meta.json.
 
 def token_dtype(vocab_size: int) -> str:
-    """uint16 holds ids up to 65,535; a larger vocabulary needs uint32."""
+    """uint16 for vocabularies of up to 65,535 tokens, uint32 above (the project's rule; a vocabulary of
+    exactly 65,536 would still fit uint16, its ids ending at 65,535)."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
         raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
     if vocab_size > 2**32:
@@ -146,36 +147,41 @@ def pydoc_text() -> str:
     return "\n".join(topics[key] for key in sorted(topics))
 
 
-def fetch(url: str, timeout: float = 30.0) -> bytes:
+def fetch(url: str, hint: str = "", timeout: float = 30.0) -> bytes:
+    """The bytes at `url`; a failure is a ConnectionError naming the url, followed by `hint`."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.read()
     except OSError as e:  # URLError, HTTPError, timeouts: all OSErrors
         reason = getattr(e, "reason", e)
-        raise ConnectionError(f"could not download {url} ({reason}); offline? pass a local copy with "
-                              f"--input PATH") from None
+        raise ConnectionError(f"could not download {url} ({reason}){hint}") from None
 
 
-def shakespeare_text(cache: Path | None = None) -> str:
-    """Tiny Shakespeare (1.1 MB) from SHAKESPEARE_URL, checked against its sha256.
-
-    `cache` (a file) keeps the download: a cached copy with the right sha256 is used without the network.
-    """
-    if cache is not None and cache.is_file():
-        data = cache.read_bytes()
-        if hashlib.sha256(data).hexdigest() == SHAKESPEARE_SHA256:
-            return decode_corpus(data, str(cache))
-    data = fetch(SHAKESPEARE_URL)
+def shakespeare_text(cache: Path | None = None, local: str | Path | None = None) -> str:
+    """Tiny Shakespeare (1.1 MB), checked against its sha256: from `local` (a copy on disk) when given, else
+    from `cache` when that holds a good copy, else downloaded from SHAKESPEARE_URL and kept in `cache`."""
+    if local is not None:
+        local = Path(local)
+        if not local.is_file():
+            raise FileNotFoundError(f"input file not found: {local}")
+        data, name = local.read_bytes(), str(local)
+    elif cache is not None and cache.is_file() and sha256_file(cache) == SHAKESPEARE_SHA256:
+        data, name = cache.read_bytes(), str(cache)
+    else:
+        hint = "; offline? pass a local copy with --source shakespeare --input PATH"
+        data, name = fetch(SHAKESPEARE_URL, hint), SHAKESPEARE_URL
+        if cache is not None and hashlib.sha256(data).hexdigest() == SHAKESPEARE_SHA256:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_bytes(data)
     digest = hashlib.sha256(data).hexdigest()
     if digest != SHAKESPEARE_SHA256:
-        raise ValueError(f"download from {SHAKESPEARE_URL} has sha256 {digest}, expected {SHAKESPEARE_SHA256}")
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_bytes(data)
-    return decode_corpus(data, SHAKESPEARE_URL)
+        raise ValueError(f"{name} has sha256 {digest}, expected tiny Shakespeare's {SHAKESPEARE_SHA256}")
+    return decode_corpus(data, name)
 
 
 def build_tokenizer(name: str, text: str, *, bpe_file=None, vocab_size: int | None = None) -> Tokenizer:
+    """char: the corpus's characters. bpe: trained on the first 90% of the text only, so the validation
+    text plays no part in the merges (byte-level, it still encodes anything). gpt2: fixed ranks."""
     if name not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {name!r}; expected one of {', '.join(TOKENIZERS)}")
     if vocab_size is not None and name != "bpe":
@@ -186,7 +192,7 @@ def build_tokenizer(name: str, text: str, *, bpe_file=None, vocab_size: int | No
         return CharTokenizer.from_text(text)
     if name == "gpt2":
         return gpt2_tokenizer(bpe_file)
-    return bpe_tokenizer(text, DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size)
+    return bpe_tokenizer(text[:split_point(len(text))], DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size)
 
 
 def split_point(n_tokens: int) -> int:
@@ -212,7 +218,8 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
     """Build train.bin, val.bin and meta.json (plus tokenizer.tiktoken for gpt2/bpe) into out_dir.
 
     source: "pydoc" (embedded), "file" (input_path; giving input_path with the default source means "file")
-    or "shakespeare" (downloaded once, kept in out_dir/input.txt). out_dir defaults to
+    or "shakespeare" (input_path when given, a local copy; else downloaded once and kept in out_dir/input.txt;
+    either way checked against its sha256). out_dir defaults to
     data/<source>_<tokenizer>, with the input file's stem as <source> for "file". Returns out_dir.
     """
     if source not in SOURCES:
@@ -221,8 +228,6 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
         source = "file"
     if source == "file" and input_path is None:
         raise ValueError("source 'file' needs an input path (--input PATH)")
-    if source != "file" and input_path is not None:
-        raise ValueError(f"--input {input_path} conflicts with source {source!r}")
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {', '.join(TOKENIZERS)}")
     stem = Path(input_path).stem if source == "file" else source
@@ -231,7 +236,7 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
     if source == "file":
         text = read_text_file(input_path)
     elif source == "shakespeare":
-        text = shakespeare_text(out / "input.txt")
+        text = shakespeare_text(out / "input.txt", input_path)
     else:
         text = pydoc_text()
     tok = build_tokenizer(tokenizer, text, bpe_file=bpe_file, vocab_size=vocab_size)
@@ -248,7 +253,7 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
     else:
         (out / RANKS_FILE).unlink(missing_ok=True)  # stale ranks from an earlier byte-level prep
     meta = {**tok.meta(), "dtype": dtype, "source": source,
-            **({"input": str(input_path)} if source == "file" else {}),
+            **({"input": str(input_path)} if input_path is not None else {}),
             "text_chars": len(text), "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
             "train_tokens": int(n_train), "val_tokens": int(len(ids) - n_train)}
     write_meta(meta, out / "meta.json")

@@ -14,7 +14,8 @@ import torch
 import model.data as data
 from model.data import (DEFAULT_DATASET, SHAKESPEARE_SHA256, Batches, ensure_dataset, load_meta, open_split,
                         prepare, pydoc_text, split_point, token_dtype)
-from model.tokenizer import R50K_SHA256, RANKS_FILE, load_tokenizer, sha256_file
+from model.tokenizer import (R50K_SHA256, RANKS_FILE, load_tokenizer, ranks_from_merges, sha256_file,
+                             train_bpe)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -81,6 +82,16 @@ def test_prepare_file_end_to_end(tmp_path, corpus, tokenizer, vocab_size):
     else:
         assert meta["vocab_size"] == 300 and meta["ranks_sha256"] == sha256_file(out / RANKS_FILE)
         assert n_train + n_val < len(TEXT.encode()) / 2  # the text repeats: merges compress it well
+        assert meta["merges"] == [list(m) for m in train_bpe(TEXT[:len(TEXT) * 9 // 10], 300)]
+
+
+def test_bpe_merges_never_see_the_validation_text(tmp_path):
+    path = tmp_path / "tail.txt"
+    path.write_text(TEXT + "zq" * 100, encoding="utf-8")  # "zq" only in the last 10% (the val split)
+    assert b"zq" in ranks_from_merges(train_bpe(path.read_text(encoding="utf-8"), 300))  # it would be learned
+    out = prepare(input_path=path, tokenizer="bpe", vocab_size=300, out_dir=tmp_path / "ds", quiet=True)
+    tok = load_tokenizer(load_meta(out), out)
+    assert b"zq" not in tok.ranks and decoded_corpus(out) == TEXT + "zq" * 100
 
 
 def test_prepare_default_out_dir_and_input_implies_file(tmp_path, corpus, monkeypatch, capsys):
@@ -157,8 +168,6 @@ def test_bad_arguments_are_errors(tmp_path, corpus):
         prepare("wikipedia", "char", tmp_path / "o", quiet=True)
     with pytest.raises(ValueError, match="needs an input path"):
         prepare("file", "char", tmp_path / "o", quiet=True)
-    with pytest.raises(ValueError, match="conflicts with source 'shakespeare'"):
-        prepare("shakespeare", "char", tmp_path / "o", input_path=corpus, quiet=True)
     with pytest.raises(ValueError, match="--vocab-size 512 applies only to --tokenizer bpe"):
         prepare(input_path=corpus, vocab_size=512, quiet=True)
     with pytest.raises(ValueError, match="applies only to --tokenizer gpt2"):
@@ -187,12 +196,24 @@ def test_shakespeare_wrong_checksum_and_offline_are_errors(tmp_path, monkeypatch
     fake = tmp_path / "fake.txt"
     fake.write_text("To be, or not to be\n" * 10)
     monkeypatch.setattr(data, "SHAKESPEARE_URL", fake.as_uri())
-    with pytest.raises(ValueError, match=f"sha256 {sha256_file(fake)}, expected {SHAKESPEARE_SHA256}"):
+    with pytest.raises(ValueError, match=f"sha256 {sha256_file(fake)}, expected .*{SHAKESPEARE_SHA256}"):
         prepare("shakespeare", "char", tmp_path / "sh", quiet=True)
+    with pytest.raises(ValueError, match=f"{fake} has sha256"):  # a local copy is checked too
+        prepare("shakespeare", "char", tmp_path / "sh", input_path=fake, quiet=True)
     monkeypatch.setattr(data, "SHAKESPEARE_URL", (tmp_path / "unreachable.txt").as_uri())
-    with pytest.raises(ConnectionError, match="could not download .*unreachable.txt.*offline"):
+    with pytest.raises(ConnectionError, match="could not download .*unreachable.txt.*offline.*--source "
+                                              "shakespeare --input PATH"):
         prepare("shakespeare", "char", tmp_path / "sh", quiet=True)
     assert not (tmp_path / "sh").exists()
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} not present")
+def test_shakespeare_from_a_local_copy_needs_no_network(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SHAKESPEARE_URL", (tmp_path / "unreachable.txt").as_uri())
+    monkeypatch.chdir(tmp_path)
+    out = prepare("shakespeare", "char", input_path=SHAKESPEARE, quiet=True)
+    assert out == Path("data/shakespeare_char") and load_meta(out)["input"] == str(SHAKESPEARE)
+    assert decoded_corpus(out) == SHAKESPEARE.read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,9 +253,10 @@ def load_cli():
 
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, corpus, capsys):
     cli = load_cli()
-    assert cli.main(["--input", str(tmp_path / "missing.txt")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "missing.txt" in err
+    for source in ("file", "shakespeare"):
+        assert cli.main(["--source", source, "--input", str(tmp_path / "missing.txt")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "input file not found" in err and "missing.txt" in err
     for argv in (["--tokenizer", "wordpiece"], ["--vocab-size", "lots"], ["--source", "pydoc", "--input", "x"]):
         with pytest.raises(SystemExit) as exc:
             cli.main(argv)
