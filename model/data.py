@@ -219,8 +219,8 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
 
     source: "pydoc" (embedded), "file" (input_path; giving input_path with the default source means "file")
     or "shakespeare" (input_path when given, a local copy; else downloaded once and kept in out_dir/input.txt;
-    either way checked against its sha256). out_dir defaults to
-    data/<source>_<tokenizer>, with the input file's stem as <source> for "file". Returns out_dir.
+    either way checked against its sha256). out_dir defaults to data/<source>_<tokenizer>, with the input
+    file's stem as <source> for "file". Returns out_dir.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
@@ -252,10 +252,11 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
         tok.save_ranks(out / RANKS_FILE)  # its sha256 is in tok.meta()
     else:
         (out / RANKS_FILE).unlink(missing_ok=True)  # stale ranks from an earlier byte-level prep
-    meta = {**tok.meta(), "dtype": dtype, "source": source,
+    tok_meta = tok.meta()  # its bulky entries (chars, merges) go last in the file
+    meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": dtype, "source": source,
             **({"input": str(input_path)} if input_path is not None else {}),
             "text_chars": len(text), "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-            "train_tokens": int(n_train), "val_tokens": int(len(ids) - n_train)}
+            "train_tokens": int(n_train), "val_tokens": int(len(ids) - n_train), **tok_meta}
     write_meta(meta, out / "meta.json")
     if not quiet:
         print(f"{source}: {len(text):,} chars -> {tokenizer} tokenizer, vocab {tok.vocab_size:,} -> {out}/\n"

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from model.data import pydoc_text
 from model.tokenizer import (GPT2_EOT, R50K_SHA256, R50K_URL, RANKS_FILE, CharTokenizer, Tokenizer,
-                             TiktokenTokenizer, bpe_tokenizer, gpt2_tokenizer, load_tokenizer, pretokenize,
-                             ranks_bytes, ranks_from_merges, sha256_file, tiktoken_cache_path, train_bpe)
+                             TiktokenTokenizer, bpe_tokenizer, gpt2_tokenizer, load_ranks, load_tokenizer,
+                             pretokenize, ranks_bytes, ranks_from_merges, sha256_file, tiktoken_cache_path,
+                             train_bpe)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 R50K = SHARED / "r50k_base.tiktoken"
@@ -181,6 +182,17 @@ def test_byte_level_tokenizers_reject_lone_surrogates_and_bad_ids():
         tok.encode("a\ud800b")
     with pytest.raises(ValueError, match="token id 400"):
         tok.decode([1, 400])
+
+
+def test_load_ranks_errors(tmp_path):
+    path = tmp_path / "garbage.tiktoken"
+    path.write_text("this is not base64 and a rank\n")
+    with pytest.raises(ValueError, match="garbage.tiktoken: not a .tiktoken ranks file"):
+        load_ranks(path)
+    with pytest.raises(ValueError, match=f"garbage.tiktoken has sha256 {sha256_file(path)}, expected abc"):
+        load_ranks(path, "abc")
+    with pytest.raises(FileNotFoundError, match="nope.tiktoken"):
+        load_ranks(tmp_path / "nope.tiktoken")
 
 
 def test_load_tokenizer_unknown_name_and_vocab_mismatch():
