@@ -17,6 +17,7 @@ def test_overrides_are_typed_by_field():
     assert t.lr == 3e-4 and isinstance(t.lr, float)
     assert t.compile is True and t.resume is True and t.dataset == "x"
     assert m.dropout == 0.0 and isinstance(m.dropout, float)
+    assert type(t.dataset) is str  # not the parser's Text subclass: checkpoints load with weights_only
 
 
 def test_dashes_and_underscores_in_numbers():
