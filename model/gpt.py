@@ -87,7 +87,7 @@ class CausalSelfAttention(nn.Module):
         if self.attention == "sdpa":
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                is_causal=(past == 0 and T > 1),
+                is_causal=bool(past == 0 and T > 1),  # a Python bool even under a JIT trace (fvcore)
             )  # (B, nh, T, hs)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, S)
