@@ -42,6 +42,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+        self._spare = None  # second (k, v) pair that reorder gathers into, made on the first reorder
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hs) at positions [pos, pos+T); return all keys/values so far."""
@@ -52,8 +53,21 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search: each new beam continues an old one)."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        # the batch size changes (prompts -> beams), or autograd tracks the cache: fresh buffers
+        if index.numel() != self.k.size(1) or self.k.requires_grad:
+            self.k = self.k.index_select(1, index)
+            self.v = self.v.index_select(1, index)
+            self._spare = None
+            return
+        # same batch size (every beam-search step): gather only positions [0, pos) into the spare buffers and
+        # swap; allocating a fresh cache per step costs more than the copy itself (page faults)
+        if self._spare is None:
+            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+        k, v = self._spare
+        torch.index_select(self.k[:, :, :, :self.pos], 1, index, out=k[:, :, :, :self.pos])
+        torch.index_select(self.v[:, :, :, :self.pos], 1, index, out=v[:, :, :, :self.pos])
+        self._spare = (self.k, self.v)
+        self.k, self.v = k, v
 
     def reset(self) -> None:
         self.pos = 0

@@ -168,3 +168,42 @@ def test_bad_options(kwargs, match):
 def test_zero_new_tokens_rejected():
     with pytest.raises(ValueError, match="max_new_tokens"):
         tiny_gpt().beam_search(PROMPTS, 0, num_beams=2)
+
+
+def test_kv_cache_reorder_gathers_the_filled_positions():
+    model = tiny_gpt()
+    cache = model.new_cache(2, 10)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3], [4, 5, 6]]), kv_cache=cache)
+    cache.reorder(torch.tensor([0, 0, 1, 1]))  # prompts -> beams (batch grows)
+    k0 = cache.k[:, :, :, :3].clone()
+    for index in ([1, 0, 3, 2], [2, 2, 0, 1], [3, 1, 1, 3]):  # permutations with repeats, twice through the swap
+        expect_k = k0[:, index]
+        cache.reorder(torch.tensor(index))
+        assert torch.equal(cache.k[:, :, :, :3], expect_k)
+        k0 = expect_k
+    # the cache still extends correctly: next-token logits equal a full forward of each reordered row
+    rows = torch.tensor([[1, 2, 3], [4, 5, 6]])[[0, 0, 1, 1]][[1, 0, 3, 2]][[2, 2, 0, 1]][[3, 1, 1, 3]]
+    nxt = torch.tensor([[7], [8], [9], [10]])
+    with torch.no_grad():
+        a = model(nxt, kv_cache=cache)[0][:, -1]
+        b = model(torch.cat([rows, nxt], dim=1))[0][:, -1]
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_cached_equals_uncached():
+    model = tiny_gpt(seed=6).cuda()
+    idx = PROMPTS.cuda()
+    a = model.beam_search(idx, 20, num_beams=3, num_return_sequences=3, eos_token_id=7)
+    b = model.beam_search(idx, 20, num_beams=3, num_return_sequences=3, eos_token_id=7, use_cache=False)
+    assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-4)
+
+
+def test_kv_cache_reorder_under_autograd_keeps_working():
+    model = tiny_gpt()
+    cache = model.new_cache(2, 6)
+    model(torch.tensor([[1, 2], [3, 4]]), kv_cache=cache)  # grad mode: the cache is part of a graph
+    before = cache.k[:, :, :, :2].detach().clone()
+    cache.reorder(torch.tensor([1, 0]))
+    assert torch.equal(cache.k[:, :, :, :2].detach(), before[:, [1, 0]])
