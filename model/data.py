@@ -1,11 +1,31 @@
-"""Datasets on disk (train.bin, val.bin, meta.json) and random batches drawn from np.memmap views."""
+"""Datasets on disk (train.bin, val.bin, meta.json): preparing them from a corpus, and random batches drawn
+from np.memmap views.
+
+A dataset folder holds the token ids of the first 90% of the corpus (train.bin) and of the rest (val.bin),
+as uint16 (uint32 when the vocabulary exceeds 65,535), and meta.json: the tokenizer's description (see
+model/tokenizer.py), the dtype and the split sizes. JSON, never pickle, so checkpoints can embed it.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import sys
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .tokenizer import (RANKS_FILE, TOKENIZERS, CharTokenizer, TiktokenTokenizer, Tokenizer, bpe_tokenizer,
+                        gpt2_tokenizer, sha256_file)
+
+DEFAULT_DATASET = "data/pydoc_char"
+SOURCES = ("pydoc", "file", "shakespeare")
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DEFAULT_BPE_VOCAB = 4096
+DTYPES = ("uint16", "uint32")
 
 
 def load_meta(dataset_dir: str | Path) -> dict:
@@ -29,6 +49,8 @@ def open_split(dataset_dir: str | Path, split: str) -> np.memmap:
     path = Path(dataset_dir) / f"{split}.bin"
     if not path.is_file():
         raise FileNotFoundError(f"dataset split not found: {path}")
+    if meta["dtype"] not in DTYPES:
+        raise ValueError(f"{Path(dataset_dir) / 'meta.json'}: dtype {meta['dtype']!r} is not one of {DTYPES}")
     dtype = np.dtype(meta["dtype"])
     if path.stat().st_size < dtype.itemsize:
         raise ValueError(f"{path}: empty token file")
@@ -44,6 +66,9 @@ class Batches:
 
     def __init__(self, dataset_dir: str | Path, split: str, block_size: int, batch_size: int,
                  seed: int = 0, device: str | torch.device = "cpu"):
+        for name, value in (("block_size", block_size), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.data = open_split(dataset_dir, split)
         if len(self.data) < block_size + 1:
             raise ValueError(f"{Path(dataset_dir) / (split + '.bin')}: {len(self.data)} tokens, fewer than "
@@ -78,3 +103,196 @@ class Batches:
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preparing a dataset: corpus -> tokenizer -> train.bin, val.bin, meta.json.
+
+def token_dtype(vocab_size: int) -> str:
+    """uint16 for vocabularies of up to 65,535 tokens, uint32 above (the project's rule; a vocabulary of
+    exactly 65,536 would still fit uint16, its ids ending at 65,535)."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    if vocab_size > 2**32:
+        raise ValueError(f"vocab_size {vocab_size} does not fit in uint32")
+    return "uint16" if vocab_size <= 65535 else "uint32"
+
+
+def decode_corpus(data: bytes, name: str) -> str:
+    """UTF-8 text, or a ValueError naming `name` when the bytes are empty or binary."""
+    if not data:
+        raise ValueError(f"{name}: empty corpus (0 bytes)")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"{name}: binary file (NUL byte at offset {nul}), expected UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name}: binary file, not valid UTF-8 (byte {data[e.start]:#04x} at offset "
+                         f"{e.start})") from None
+
+
+def read_text_file(path: str | Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"input path {path} is not a file")
+    return decode_corpus(path.read_bytes(), str(path))
+
+
+def pydoc_text() -> str:
+    """Python's reference documentation shipped with the interpreter: topics joined in sorted-key order."""
+    from pydoc_data.topics import topics
+    return "\n".join(topics[key] for key in sorted(topics))
+
+
+def fetch(url: str, hint: str = "", timeout: float = 30.0) -> bytes:
+    """The bytes at `url`; a failure is a ConnectionError naming the url, followed by `hint`."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read()
+    except OSError as e:  # URLError, HTTPError, timeouts: all OSErrors
+        reason = getattr(e, "reason", e)
+        raise ConnectionError(f"could not download {url} ({reason}){hint}") from None
+
+
+def shakespeare_text(cache: Path | None = None, local: str | Path | None = None) -> str:
+    """Tiny Shakespeare (1.1 MB), checked against its sha256: from `local` (a copy on disk) when given, else
+    from `cache` when that holds a good copy, else downloaded from SHAKESPEARE_URL and kept in `cache`."""
+    if local is not None:
+        local = Path(local)
+        if not local.is_file():
+            raise FileNotFoundError(f"input file not found: {local}")
+        data, name = local.read_bytes(), str(local)
+    elif cache is not None and cache.is_file() and sha256_file(cache) == SHAKESPEARE_SHA256:
+        data, name = cache.read_bytes(), str(cache)
+    else:
+        hint = "; offline? pass a local copy with --source shakespeare --input PATH"
+        data, name = fetch(SHAKESPEARE_URL, hint), SHAKESPEARE_URL
+        if cache is not None and hashlib.sha256(data).hexdigest() == SHAKESPEARE_SHA256:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != SHAKESPEARE_SHA256:
+        raise ValueError(f"{name} has sha256 {digest}, expected tiny Shakespeare's {SHAKESPEARE_SHA256}")
+    return decode_corpus(data, name)
+
+
+def build_tokenizer(name: str, text: str, *, bpe_file=None, vocab_size: int | None = None) -> Tokenizer:
+    """char: the corpus's characters. bpe: trained on the first 90% of the text only, so the validation
+    text plays no part in the merges (byte-level, it still encodes anything). gpt2: fixed ranks."""
+    if name not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {name!r}; expected one of {', '.join(TOKENIZERS)}")
+    if vocab_size is not None and name != "bpe":
+        raise ValueError(f"--vocab-size {vocab_size} applies only to --tokenizer bpe, not {name}")
+    if bpe_file is not None and name != "gpt2":
+        raise ValueError(f"--bpe-file {bpe_file} applies only to --tokenizer gpt2, not {name}")
+    if name == "char":
+        return CharTokenizer.from_text(text)
+    if name == "gpt2":
+        return gpt2_tokenizer(bpe_file)
+    return bpe_tokenizer(text[:split_point(len(text))], DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size)
+
+
+def split_point(n_tokens: int) -> int:
+    """First 90% of the tokens train, the rest validate; both splits need at least one token."""
+    n_train = n_tokens * 9 // 10
+    if n_train < 1 or n_tokens - n_train < 1:
+        raise ValueError(f"corpus too short: {n_tokens} token(s) cannot be split 90/10 with at least 1 token in "
+                         f"train and 1 in val")
+    return n_train
+
+
+def write_meta(meta: dict, path: Path) -> None:
+    """One top-level key per line (long lists stay on one line), written atomically."""
+    body = ",\n".join(f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in meta.items())
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("{\n" + body + "\n}\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path | None = None, *,
+            input_path: str | Path | None = None, bpe_file: str | Path | None = None,
+            vocab_size: int | None = None, quiet: bool = False) -> Path:
+    """Build train.bin, val.bin and meta.json (plus tokenizer.tiktoken for gpt2/bpe) into out_dir.
+
+    source: "pydoc" (embedded), "file" (input_path; giving input_path with the default source means "file")
+    or "shakespeare" (input_path when given, a local copy; else downloaded once and kept in out_dir/input.txt;
+    either way checked against its sha256). out_dir defaults to data/<source>_<tokenizer>, with the input
+    file's stem as <source> for "file". Returns out_dir.
+    """
+    if source not in SOURCES:
+        raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+    if input_path is not None and source == "pydoc":
+        source = "file"
+    if source == "file" and input_path is None:
+        raise ValueError("source 'file' needs an input path (--input PATH)")
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {', '.join(TOKENIZERS)}")
+    stem = Path(input_path).stem if source == "file" else source
+    out = Path(out_dir) if out_dir is not None else Path("data") / f"{stem}_{tokenizer}"
+
+    if source == "file":
+        text = read_text_file(input_path)
+    elif source == "shakespeare":
+        text = shakespeare_text(out / "input.txt", input_path)
+    else:
+        text = pydoc_text()
+    tok = build_tokenizer(tokenizer, text, bpe_file=bpe_file, vocab_size=vocab_size)
+    dtype = token_dtype(tok.vocab_size)
+    ids = np.array(tok.encode(text), dtype=dtype)  # (N,)
+    n_train = split_point(len(ids))
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)  # no meta.json until the bins are complete
+    ids[:n_train].tofile(out / "train.bin")
+    ids[n_train:].tofile(out / "val.bin")
+    if isinstance(tok, TiktokenTokenizer):
+        tok.save_ranks(out / RANKS_FILE)  # its sha256 is in tok.meta()
+    else:
+        (out / RANKS_FILE).unlink(missing_ok=True)  # stale ranks from an earlier byte-level prep
+    tok_meta = tok.meta()  # its bulky entries (chars, merges) go last in the file
+    meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": dtype, "source": source,
+            **({"input": str(input_path)} if input_path is not None else {}),
+            "text_chars": len(text), "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "train_tokens": int(n_train), "val_tokens": int(len(ids) - n_train), **tok_meta}
+    write_meta(meta, out / "meta.json")
+    if not quiet:
+        print(f"{source}: {len(text):,} chars -> {tokenizer} tokenizer, vocab {tok.vocab_size:,} -> {out}/\n"
+              f"  train.bin {n_train:,} tokens, val.bin {len(ids) - n_train:,} tokens ({dtype}), meta.json")
+    return out
+
+
+def _repo_root() -> Path:
+    return Path(__file__).resolve().parents[1]
+
+
+def prepare_command(dataset_dir: str | Path) -> str:
+    """The prepare.py command that makes `dataset_dir`, guessed from its <source>_<tokenizer> name."""
+    path = Path(dataset_dir)
+    source, _, tokenizer = path.name.rpartition("_")
+    if source in ("pydoc", "shakespeare") and tokenizer in TOKENIZERS:
+        args = f"--source {source} --tokenizer {tokenizer}"
+        if path != Path("data") / path.name:
+            args += f" --out-dir {path}"
+    else:
+        args = f"--input FILE --tokenizer {tokenizer if tokenizer in TOKENIZERS else 'char'} --out-dir {path}"
+    return f"python data/prepare.py {args}"
+
+
+def ensure_dataset(dataset_dir: str | Path) -> Path:
+    """The dataset folder to read: `dataset_dir` (relative to the cwd, else to the repo root) when it holds
+    meta.json; the default (data/pydoc_char) is prepared when missing; any other missing folder is a
+    FileNotFoundError naming it and the prepare command to run."""
+    path = Path(dataset_dir)
+    candidates = [path] if path.is_absolute() else [path, _repo_root() / path]
+    for candidate in candidates:
+        if (candidate / "meta.json").is_file():
+            return candidate
+    default = (_repo_root() / DEFAULT_DATASET).resolve()
+    if path == Path(DEFAULT_DATASET) or path.resolve() == default:
+        print(f"dataset {path} not found; preparing it (once)", file=sys.stderr)
+        return prepare("pydoc", "char", path)
+    raise FileNotFoundError(f"dataset not found: {path} (no meta.json); prepare it with "
+                            f"`{prepare_command(path)}`")

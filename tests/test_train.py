@@ -1,0 +1,226 @@
+"""Training: end to end, exact resume, checkpoint safety, signals, NaN, CLI errors, data parallel."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import train as train_mod
+from model import GPT, GPTConfig, TrainConfig
+from model.checkpoint import load_checkpoint, load_model, save_checkpoint
+from model.data import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 40
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ds")
+    src = d / "corpus.txt"
+    src.write_text(TEXT)
+    return prepare("file", "char", d / "tiny_char", input_path=src, quiet=True)
+
+
+def cfgs(dataset, out_dir, **train_kw):
+    vocab = json.loads((Path(dataset) / "meta.json").read_text())["vocab_size"]
+    model_cfg = GPTConfig(vocab_size=vocab, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.1)
+    base = dict(dataset=str(dataset), out_dir=str(out_dir), batch_size=4, max_iters=6, eval_interval=3,
+                eval_iters=2, warmup_iters=2, lr=1e-2, min_lr=1e-3, device="cpu", peak_flops=1e12,
+                progress=False)
+    return model_cfg, TrainConfig(**{**base, **train_kw})
+
+
+def step_losses(out_dir):
+    lines = [json.loads(ln) for ln in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if r.get("kind") != "eval"], lines
+
+
+def test_lr_schedule_by_hand():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=4, max_iters=14)
+    assert [train_mod.lr_at(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert train_mod.lr_at(9, cfg) == pytest.approx(0.1 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 0.9)
+    assert train_mod.lr_at(14, cfg) == pytest.approx(0.1) and train_mod.lr_at(99, cfg) == pytest.approx(0.1)
+
+
+def test_train_checkpoint_load_round_trip(dataset, tmp_path):
+    model_cfg, cfg = cfgs(dataset, tmp_path / "run")
+    summary = train_mod.train(model_cfg, cfg)
+    assert summary["step"] == 6 and summary["val_loss"] < math.log(model_cfg.vocab_size)
+    out = tmp_path / "run"
+    assert {p.name for p in out.iterdir()} >= {"best.pt", "last.pt", "metrics.jsonl", "loss.png"}
+    losses, lines = step_losses(out)
+    assert len(losses) == 6 and [r["step"] for r in lines if r.get("kind") == "eval"] == [0, 3, 6]
+    rec = next(r for r in lines if r.get("kind") != "eval")
+    assert {"loss", "lr", "grad_norm", "dt_ms", "tokens_per_s", "mfu", "flops"} <= set(rec)
+    model, info = load_model(out / "last.pt")
+    assert info["step"] == 6 and info["meta"]["tokenizer"] == "char" and info["dataset"] == str(dataset)
+    ckpt = load_checkpoint(out / "last.pt")
+    fresh = GPT(model_cfg)
+    fresh.load_state_dict(ckpt["model"])
+    fresh.eval()
+    idx = torch.randint(0, model_cfg.vocab_size, (2, 16))
+    assert torch.equal(model(idx)[0], fresh(idx)[0])
+    assert set(ckpt) >= {"optimizer", "rng", "batches", "train_config", "model_config", "meta", "best_val_loss"}
+
+
+def test_resume_is_bit_exact(dataset, tmp_path):
+    """20 uninterrupted steps == 10 steps + resume + 10 steps (dropout on, so the torch RNG matters too)."""
+    model_cfg, cfg = cfgs(dataset, tmp_path / "full", max_iters=20, eval_interval=10, lr_decay_iters=20)
+    train_mod.train(model_cfg, cfg)
+    full, _ = step_losses(tmp_path / "full")
+    half = replace(cfg, out_dir=str(tmp_path / "half"), max_iters=10)
+    train_mod.train(model_cfg, half)
+    train_mod.train(model_cfg, replace(half, max_iters=20, resume=True))
+    resumed, lines = step_losses(tmp_path / "half")
+    assert len(full) == len(resumed) == 20
+    assert resumed == full  # identical floats, not approximately equal
+    assert [r["step"] for r in lines if r.get("kind") == "eval"] == [0, 10, 20]
+
+
+def test_refuses_to_overwrite_and_checks_resume(dataset, tmp_path):
+    model_cfg, cfg = cfgs(dataset, tmp_path / "run", max_iters=3)
+    train_mod.train(model_cfg, cfg)
+    with pytest.raises(ValueError, match="already holds a checkpoint.*--resume.*--overwrite"):
+        train_mod.train(model_cfg, cfg)
+    with pytest.raises(ValueError, match="different model config"):
+        train_mod.train(replace(model_cfg, n_layer=3), replace(cfg, resume=True, max_iters=4))
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        train_mod.train(model_cfg, replace(cfg, out_dir=str(tmp_path / "none"), resume=True))
+    train_mod.train(model_cfg, replace(cfg, overwrite=True))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(dataset, tmp_path, monkeypatch):
+    model_cfg, cfg = cfgs(dataset, tmp_path / "run", max_iters=10, eval_interval=2)
+    calls = {"n": 0}
+    real_forward = GPT.forward
+
+    def poisoned(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] >= 5:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    with pytest.raises(train_mod.TrainingStopped, match=r"loss is nan at step 5.*last.pt \(step 4\)") as e:
+        train_mod.train(model_cfg, cfg)
+    assert e.value.code == 1
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 4
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--n_layers=2"], "unknown config key 'n_layers'; valid keys:"),
+    (["--lr=-1"], "lr must be a finite non-negative number, got -1.0"),
+    (["--batch_size=0"], "batch_size must be a positive integer, got 0"),
+    (["--n_embd=30", "--n_head=4"], "n_embd=30 is not divisible by n_head=4"),
+    (["--max_iters=ten"], "--max_iters expects int, got 'ten'"),
+    (["missing.toml"], "config file not found: missing.toml"),
+    (["--block_size=100000"], "fewer than block_size+1=100001"),
+    (["--dataset=/nonexistent/ds"], "/nonexistent/ds"),
+])
+def test_cli_errors_are_one_line_exit_2(args, match, dataset, tmp_path):
+    extra = [] if any(a.startswith("--dataset") for a in args) else [f"--dataset={dataset}"]
+    if not any(a.startswith("--max_iters") for a in args):
+        extra.append("--max_iters=1")
+    r = run_cli(*args, *extra, f"--out_dir={tmp_path / 'o'}")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error:") and match in lines[0], r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_final_checkpoint(sig, code, dataset, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"--dataset={dataset}", f"--out_dir={out}",
+                             "--block_size=16", "--n_layer=2", "--n_head=2", "--n_embd=32", "--batch_size=4",
+                             "--max_iters=100000", "--eval_interval=100000", "--eval_iters=1", "--peak_flops=1e12",
+                             "--progress=false"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 5):
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "checkpoint saved" in err
+    steps, _ = step_losses(out)
+    assert load_checkpoint(out / "last.pt")["step"] == len(steps) >= 4
+
+
+KILL_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from model.checkpoint import save_checkpoint
+big = torch.arange(4_000_000, dtype=torch.float32)
+i = 1
+while True:
+    save_checkpoint({{"model": {{"w": big + i}}, "step": i}}, {path!r})
+    print(i, flush=True)
+    i += 1
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_while_saving_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.arange(4_000_000, dtype=torch.float32)}, "step": 0}, path)
+    for delay in (0.05, 0.2, 0.35, 0.6):
+        proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(root=str(ROOT), path=str(path))],
+                                stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # at least one save finished: now kill mid-stream
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        ckpt = load_checkpoint(path)
+        assert torch.equal(ckpt["model"]["w"], torch.arange(4_000_000, dtype=torch.float32) + ckpt["step"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one_process_with_accumulation(dataset, tmp_path):
+    """2 gloo ranks x accum 1 see the same micro-batches as 1 process x accum 2: same losses to 1e-4."""
+    common = [f"--dataset={dataset}", "--block_size=16", "--n_layer=2", "--n_head=2", "--n_embd=32",
+              "--batch_size=4", "--grad_accum=2", "--max_iters=5", "--eval_interval=5", "--eval_iters=2",
+              "--peak_flops=1e12", "--progress=false", "--dropout=0"]
+    single = run_cli(*common, f"--out_dir={tmp_path / 'single'}", timeout=300)
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "train.py"), *common, f"--out_dir={tmp_path / 'ddp'}"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert ddp.returncode == 0, ddp.stderr
+    a, _ = step_losses(tmp_path / "single")
+    b, lines = step_losses(tmp_path / "ddp")
+    assert len(a) == len(b) == 5
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    assert lines[1]["tokens_per_s"] > 0 and lines[1]["flops"] == json.loads(
+        (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[1])["flops"]
+
+
+def test_compiled_and_ddp_wrappers_save_clean_names():
+    from model.checkpoint import clean_state_dict, load_weights
+    m = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    compiled = torch.compile(m)  # no compilation happens until it is called
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    assert list(clean_state_dict(compiled.state_dict())) == list(m.state_dict())
+    wrapped = {"module._orig_mod." + k: v for k, v in m.state_dict().items()}
+    load_weights(GPT(m.config), wrapped)  # DDP(compile(model)) names load too
+    with pytest.raises(ValueError, match="shape"):
+        bad = dict(m.state_dict())
+        bad["transformer.wte.weight"] = torch.zeros(12, 8)
+        load_weights(GPT(m.config), bad, "x.pt")
