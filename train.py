@@ -336,10 +336,13 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
                         _, loss = model(x, y)
                     (loss / local_accum).backward()
                 loss_sum += loss.detach()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip).item()
-                         if cfg.grad_clip > 0 else float("nan"))
+            # the norm stays a tensor until after the step: an .item() here would make the host wait for the
+            # GPU before it can queue the optimizer kernels
+            grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                         if cfg.grad_clip > 0 else None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            grad_norm = grad_norm.item() if grad_norm is not None else float("nan")
             loss_value = dist.mean(loss_sum.item() / local_accum, device)
             dt = time.perf_counter() - t0
             step += 1

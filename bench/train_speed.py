@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 USAGE = ("usage: python bench/train_speed.py [--quick] [--recipes=a,b] [--repeats=N] [--steps=N] [--warmup=N] "
          "[--threads=N] [--dataset=DIR] [--device=cpu|cuda] [--no-compile]")
 RECIPES = {  # name -> (model shape, batch size); vocab comes from the dataset
-    "a": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False), 12),
-    "b": (dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False), 64),
+    "a": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False, activation="gelu"), 12),
+    "b": (dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False, activation="gelu"), 64),
 }
 
 
@@ -197,9 +197,10 @@ class FlopgptRunner:
             _, loss = self.model(x, y)
         loss.backward()
         loss_sum += loss.detach()
-        torch.nn.utils.clip_grad_norm_(self.raw.parameters(), 1.0).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        grad_norm.item()
         self.it += 1
         return loss_sum.item()
 
