@@ -278,8 +278,7 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     if dist.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is not None and metrics_path.exists():  # drop records the resumed steps will write again
-            keep = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] < step
-                    or (json.loads(ln).get("kind") == "eval" and json.loads(ln)["step"] == step)]
+            keep = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
             metrics_path.write_text("".join(ln + "\n" for ln in keep))
         elif ckpt is None:
             metrics_path.write_text("")
@@ -290,7 +289,7 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
         print(f"plan: {remaining} steps x {tokens_per_step:,} tokens = {remaining * tokens_per_step:,} tokens; "
               f"{human(total_flops, 'FLOP')} exact training compute ({flops_per_step:,} FLOPs/step); "
               f"at least {seconds_str(total_flops / peak_total)} at 100% of the peak "
-              f"{human(peak_total, 'FLOP/s')} ({peak_desc})", file=sys.stderr)
+              f"{human(peak_total, 'FLOP/s')}: {peak_desc}", file=sys.stderr)
 
     metrics = metrics_path.open("a") if dist.master else None
     bar = tqdm(total=cfg.max_iters, initial=step, disable=not (dist.master and cfg.progress),

@@ -76,9 +76,8 @@ def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop torch.compile's and DDP's wrapper prefixes so names match the plain GPT."""
     out = {}
     for k, v in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
+        while k.startswith(("_orig_mod.", "module.")):  # any nesting order: DDP(compile(m)), compile(DDP(m))
+            k = k.split(".", 1)[1]
         out[k] = v
     return out
 

@@ -164,7 +164,7 @@ def convert(key: str, value: Any, typ: type) -> Any:
                 pass
     elif typ is str:
         if isinstance(value, str):
-            return value
+            return str(value)  # a plain str: checkpoints must hold no subclass
     raise ValueError(f"--{key} expects {typ.__name__}, got {value!r}")
 
 

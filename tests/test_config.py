@@ -17,6 +17,7 @@ def test_overrides_are_typed_by_field():
     assert t.lr == 3e-4 and isinstance(t.lr, float)
     assert t.compile is True and t.resume is True and t.dataset == "x"
     assert m.dropout == 0.0 and isinstance(m.dropout, float)
+    assert type(t.dataset) is str  # not the parser's Text subclass: checkpoints load with weights_only
 
 
 def test_dashes_and_underscores_in_numbers():
@@ -112,3 +113,34 @@ def test_convert_bool_spellings():
 def test_configs_are_frozen():
     with pytest.raises(Exception):
         GPTConfig().n_layer = 3
+
+
+# ---- property-based: any valid value round-trips through its command-line text; anything else is rejected
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(n_layer=st.integers(1, 64), lr=st.floats(1e-8, 10.0), compile_=st.booleans(),
+       dataset=st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=20))
+def test_overrides_round_trip(n_layer, lr, compile_, dataset):
+    args = ["--min_lr=0", f"--n_layer={n_layer}", f"--lr={lr!r}", f"--compile={str(compile_).lower()}", f"--dataset={dataset}"]
+    m, t = load(None, args)
+    assert (m.n_layer, t.lr, t.compile, t.dataset) == (n_layer, lr, compile_, dataset)
+
+
+@settings(max_examples=60, deadline=None)
+@given(key=st.sampled_from(["n_layer", "batch_size", "max_iters", "eval_iters"]),
+       value=st.text(min_size=1, max_size=8).filter(lambda s: not s.strip().lstrip("+-").replace("_", "").isdigit()))
+def test_non_integers_are_rejected_with_the_value(key, value):
+    with pytest.raises(ValueError, match=f"--{key} expects int"):
+        load(None, [f"--{key}={value}"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_embd=st.integers(1, 512), n_head=st.integers(1, 64))
+def test_divisibility_rule(n_embd, n_head):
+    if n_embd % n_head:
+        with pytest.raises(ValueError, match=f"n_embd={n_embd} is not divisible by n_head={n_head}"):
+            GPTConfig(n_embd=n_embd, n_head=n_head)
+    else:
+        assert GPTConfig(n_embd=n_embd, n_head=n_head).head_dim * n_head == n_embd

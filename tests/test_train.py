@@ -210,3 +210,17 @@ def test_torchrun_two_ranks_match_one_process_with_accumulation(dataset, tmp_pat
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4
     assert lines[1]["tokens_per_s"] > 0 and lines[1]["flops"] == json.loads(
         (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()[1])["flops"]
+
+
+def test_compiled_and_ddp_wrappers_save_clean_names():
+    from model.checkpoint import clean_state_dict, load_weights
+    m = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=8))
+    compiled = torch.compile(m)  # no compilation happens until it is called
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    assert list(clean_state_dict(compiled.state_dict())) == list(m.state_dict())
+    wrapped = {"module._orig_mod." + k: v for k, v in m.state_dict().items()}
+    load_weights(GPT(m.config), wrapped)  # DDP(compile(model)) names load too
+    with pytest.raises(ValueError, match="shape"):
+        bad = dict(m.state_dict())
+        bad["transformer.wte.weight"] = torch.zeros(12, 8)
+        load_weights(GPT(m.config), bad, "x.pt")
