@@ -135,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     goal = target if target is not None else results[0]["curve"][-1]["val_loss"]
     base = first_reaching(results[0]["curve"], goal)
     print(f"\ntarget: full-val loss <= {goal:.4f}" + ("" if target is not None else " (the first run's final loss)"))
-    print(f"{'run':60s} {'final loss':>10s} {'tokens to target':>17s} {'vs first':>9s} {'time':>7s}")
-    for res in results:
+    print(f"{'run':4s} {'final loss':>10s} {'tokens to target':>17s} {'vs first':>9s} {'time':>7s}  recipe")
+    for i, res in enumerate(results, 1):
         hit = first_reaching(res["curve"], goal)
         tok = f"{hit['tokens']:,}" if hit else "not reached"
         saving = f"{hit['tokens'] / base['tokens']:.2f}x" if hit and base else ""  # < 1: fewer tokens
-        print(f"{res['label'][:60]:60s} {res['curve'][-1]['val_loss']:10.4f} {tok:>17s} {saving:>9s} "
-              f"{res['seconds']:6.0f}s")
+        print(f"#{i:<3d} {res['curve'][-1]['val_loss']:10.4f} {tok:>17s} {saving:>9s} {res['seconds']:6.0f}s  "
+              f"{res['label']}")
     if opts.get("json"):
         Path(opts["json"]).write_text(json.dumps({"target": goal, "runs": results}, indent=1))
     return 0

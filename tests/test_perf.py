@@ -85,3 +85,13 @@ def test_tilt_cli_errors_are_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("tilt.py: error:") for line in err)
     assert "no/such.toml" in err[2]
+
+
+def test_exact_gelu_flops_match_the_fvcore_measurement():
+    from model import flops
+    from model.counters import fvcore_count
+    for act in ("gelu", "gelu_tanh"):
+        cfg = GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False, activation=act)
+        measured = fvcore_count(cfg, 2, 16)
+        assert measured.non_matmul["gelu"] == (5 if act == "gelu" else 9) * 2 * 16 * 4 * 32 * 2  # by hand
+        assert flops.forward(cfg, 2, 16).total == measured.total
