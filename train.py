@@ -33,13 +33,16 @@ class TrainingStopped(Exception):
 # Pieces of the loop, each small and testable.
 
 def lr_at(step: int, cfg) -> float:
-    """Linear warmup from 0 to lr over warmup_iters, then cosine decay to min_lr at lr_decay_iters."""
+    """Linear warmup from 0 to lr over warmup_iters, then decay to min_lr at lr_decay_iters: a half cosine
+    (cfg.lr_schedule == "cosine") or a straight line ("linear")."""
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
     if step < cfg.warmup_iters:
         return cfg.lr * (step + 1) / cfg.warmup_iters
     if step >= decay_iters:
         return cfg.min_lr
     progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    if getattr(cfg, "lr_schedule", "cosine") == "linear":
+        return cfg.lr + progress * (cfg.min_lr - cfg.lr)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
@@ -332,10 +335,13 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
                         _, loss = model(x, y)
                     (loss / local_accum).backward()
                 loss_sum += loss.detach()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip).item()
-                         if cfg.grad_clip > 0 else float("nan"))
+            # the norm stays a tensor until after the step: an .item() here would make the host wait for the
+            # GPU before it can queue the optimizer kernels
+            grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+                         if cfg.grad_clip > 0 else None)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            grad_norm = grad_norm.item() if grad_norm is not None else float("nan")
             loss_value = dist.mean(loss_sum.item() / local_accum, device)
             dt = time.perf_counter() - t0
             step += 1

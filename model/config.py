@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 POS_ENCODINGS = ("learned", "sinusoidal")
 ATTENTIONS = ("sdpa", "manual")
+ACTIVATIONS = ("gelu_tanh", "gelu")
+LR_SCHEDULES = ("cosine", "linear")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,9 @@ class GPTConfig:
     bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them)
     pos_encoding: str = "learned"  # "learned" (GPT-2's wpe table) or "sinusoidal" (fixed, Vaswani et al.)
     attention: str = "sdpa"  # "sdpa" (fused kernel) or "manual" (q@kᵀ, masked softmax, att@v as separate ops)
+    # MLP activation: "gelu_tanh" (GPT-2's tanh approximation, needed to reproduce its logits) or "gelu"
+    # (exact erf form, nanoGPT's; about twice as fast as the tanh form on CPU, see docs/perf.md)
+    activation: str = "gelu_tanh"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -42,6 +47,8 @@ class GPTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.pos_encoding not in POS_ENCODINGS:
             raise ValueError(f"pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
 
@@ -65,7 +72,10 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # learning rate at the end of the cosine decay
     warmup_iters: int = 100  # linear warmup steps from 0 to lr
-    lr_decay_iters: int = 0  # step where the cosine reaches min_lr; 0 means max_iters
+    lr_decay_iters: int = 0  # step where the decay reaches min_lr; 0 means max_iters
+    # shape of the decay after warmup: "cosine" (nanoGPT's) or "linear" (straight line to min_lr, which
+    # spends more steps at high lr and ends lower on short runs; see docs/perf.md for the measurement)
+    lr_schedule: str = "cosine"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -105,6 +115,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be one of auto, float32, bfloat16, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

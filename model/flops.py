@@ -35,7 +35,7 @@ LAYER_NORM_CORE = 5  # mean (1 add), x - mean (1), square (1), sum of squares (1
 SOFTMAX = 5  # row max (1 compare), x - max (1), exp (1), row sum (1), divide (1)
 ATTN_SCALE = 1  # scores · 1/sqrt(head_dim)
 GELU_TANH = 9  # 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))): x³ (2), ·0.044715, +x, ·√(2/π), tanh, +1, ·x, ·0.5
-GELU_ERF = 5  # 0.5·x·(1 + erf(x/√2)): /√2, erf, +1, ·x, ·0.5 (not used by GPT, kept for the counters' handle)
+GELU_ERF = 5  # 0.5·x·(1 + erf(x/√2)): /√2, erf, +1, ·x, ·0.5 (GPTConfig.activation="gelu")
 ADD = 1  # residual, position and bias adds: one add per output element
 CROSS_ENTROPY_PER_LOGIT = 4  # log-softmax: row max, subtract, exp, row sum
 CROSS_ENTROPY_PER_ROW = 3  # log of the sum, subtract it from the target's logit, accumulate into the mean
@@ -191,8 +191,9 @@ def softmax(cfg: GPTConfig, batch: int, q_len: int, k_len: int) -> int:
 
 
 def gelu(cfg: GPTConfig, tokens: int) -> int:
-    """tanh GELU on the (tokens, 4d) MLP activation: 9 per element."""
-    return GELU_TANH * tokens * 4 * cfg.n_embd * cfg.n_layer
+    """GELU on the (tokens, 4d) MLP activation: 9 per element (tanh form), 5 (exact erf form, activation="gelu")."""
+    per = GELU_ERF if getattr(cfg, "activation", "gelu_tanh") == "gelu" else GELU_TANH
+    return per * tokens * 4 * cfg.n_embd * cfg.n_layer
 
 
 def residual_add(cfg: GPTConfig, tokens: int) -> int:

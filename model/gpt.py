@@ -120,7 +120,8 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's activation, so its weights give its logits
+        # tanh form: GPT-2's, so its weights give its logits; exact erf form: nanoGPT's, faster on CPU
+        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -275,6 +276,6 @@ class GPT(nn.Module):
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # fused is a single kernel on CUDA; on CPU foreach is the fastest stable choice
-        extra = {"fused": True} if device_type == "cuda" else {"foreach": True}
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+        # fused: one kernel over all tensors, on CUDA and (torch >= 2.4) on CPU too, where it measured about
+        # 3x faster than foreach/for-loop AdamW for the small models of docs/perf.md
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))

@@ -1,0 +1,347 @@
+"""Training speed, side by side in one run: a nanoGPT-style baseline step against flopgpt's train.py step.
+
+    python bench/train_speed.py            # recipes a and b; sdpa/manual; eager/compile (several minutes)
+    python bench/train_speed.py --quick    # recipe a only, eager only (about a minute)
+
+Recipes (nanoGPT's): (a) its CPU "baby GPT" command: char-level, 4 layers, 4 heads, 128 wide, block 64, batch
+12, dropout 0; (b) its shakespeare_char config: 6 layers, 6 heads, 384 wide, block 256, batch 64, dropout 0.2.
+The baseline re-implements nanoGPT's per-iteration work (not its code): its model (one c_attn projection split
+into q, k, v; exact-erf GELU; bias-free LayerNorm/Linear; SDPA attention), its get_batch (np.memmap opened on
+every call, one torch.stack per x and y of per-row slices), plain AdamW (nanoGPT fuses it only on CUDA) and
+its loop (next batch fetched between forward and backward, clip, step, loss.item() every step as with
+--log_interval=1). Variants are timed in alternating repeats after warm-up steps; each row reports the median
+step time, tokens/s, model FLOP/s (exact FLOPs from model.flops.train_step_flops, 2 per multiply-add) and MFU
+against the peak from model.peaks (on CPU a calibrated large fp32 matmul), and its speed relative to the
+baseline measured in the same run. The machine may be shared: compare ratios, not absolute numbers.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+USAGE = ("usage: python bench/train_speed.py [--quick] [--recipes=a,b] [--repeats=N] [--steps=N] [--warmup=N] "
+         "[--threads=N] [--dataset=DIR] [--device=cpu|cuda] [--no-compile]")
+RECIPES = {  # name -> (model shape, batch size); vocab comes from the dataset
+    "a": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False, activation="gelu"), 12),
+    "b": (dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False, activation="gelu"), 64),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The nanoGPT-style baseline: its model, batches, optimizer and loop, rewritten here.
+
+def nanogpt_model(cfg):
+    """nanoGPT's GPT for GPTConfig `cfg`, as it computes: LayerNorm with optional bias, fused c_attn, SDPA
+    (is_causal, dropout in training), exact GELU MLP, tied head, GPT-2 init. Returns an nn.Module whose
+    forward(idx, targets) -> (logits, loss)."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Norm(nn.Module):
+        def __init__(self, n, bias):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(n))
+            self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+
+        def forward(self, x):
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+            self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+            self.resid_dropout = nn.Dropout(cfg.dropout)
+
+        def forward(self, x):
+            B, T, C = x.size()
+            q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
+            q = q.view(B, T, cfg.n_head, C // cfg.n_head).transpose(1, 2)  # (B, nh, T, hs)
+            k = k.view(B, T, cfg.n_head, C // cfg.n_head).transpose(1, 2)  # (B, nh, T, hs)
+            v = v.view(B, T, cfg.n_head, C // cfg.n_head).transpose(1, 2)  # (B, nh, T, hs)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=cfg.dropout if self.training else 0.0,
+                                               is_causal=True)  # (B, nh, T, hs)
+            y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+            return self.resid_dropout(self.c_proj(y))
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = Norm(cfg.n_embd, cfg.bias), Norm(cfg.n_embd, cfg.bias)
+            self.attn = Attn()
+            self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+            self.gelu = nn.GELU()  # exact erf form
+            self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+            self.drop = nn.Dropout(cfg.dropout)
+
+        def forward(self, x):
+            x = x + self.attn(self.ln_1(x))  # (B, T, C)
+            return x + self.drop(self.c_proj(self.gelu(self.c_fc(self.ln_2(x)))))  # (B, T, C)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+            self.drop = nn.Dropout(cfg.dropout)
+            self.h = nn.ModuleList(Block() for _ in range(cfg.n_layer))
+            self.ln_f = Norm(cfg.n_embd, cfg.bias)
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+            self.wte.weight = self.lm_head.weight
+            for name, p in self.named_parameters():
+                if p.dim() >= 2:
+                    std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else 0.02
+                    nn.init.normal_(p, 0.0, std)
+                elif name.endswith("bias"):
+                    nn.init.zeros_(p)
+
+        def forward(self, idx, targets):
+            T = idx.size(1)
+            pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
+            x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+            for block in self.h:
+                x = block(x)
+            logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            return logits, loss
+
+    return Model()
+
+
+def nanogpt_optimizer(model, device_type: str):
+    """AdamW, weight decay on >= 2-D tensors only; fused only on CUDA (nanoGPT's rule), else torch's default."""
+    import torch
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    extra = {"fused": True} if device_type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.99), **extra)
+
+
+def nanogpt_get_batch(path: Path, block_size: int, batch_size: int, device):
+    """A fresh memmap per call (nanoGPT does this to avoid a memory leak), per-row slices stacked."""
+    import numpy as np
+    import torch
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    ix = torch.randint(len(data) - block_size, (batch_size,))  # (B,)
+    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])  # (B, T)
+    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])  # (B, T)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+class NanoGPTRunner:
+    """One nanoGPT training iteration per step(): forward on the prefetched batch, fetch the next batch,
+    backward, clip to 1.0, AdamW step, zero grads, loss.item() (log_interval=1)."""
+
+    def __init__(self, cfg, batch_size: int, dataset: Path, device, dtype: str, compile: bool):
+        import torch
+        self.model = nanogpt_model(cfg).to(device)
+        self.optimizer = nanogpt_optimizer(self.model, device.type)
+        self.fwd = torch.compile(self.model) if compile else self.model
+        self.ctx = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                    if device.type == "cuda" and dtype == "bfloat16" else nullcontext())
+        self.batch = lambda: nanogpt_get_batch(dataset / "train.bin", cfg.block_size, batch_size, device)
+        self.x, self.y = self.batch()
+        self.it = 0
+
+    def step(self) -> float:
+        import torch
+        lr = 1e-3 * min(1.0, (self.it + 1) / 100)  # its warmup, cosine is the same cost
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self.ctx:
+            _, loss = self.fwd(self.x, self.y)
+        self.x, self.y = self.batch()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.it += 1
+        return loss.item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# flopgpt's step: the body of train.py's loop for one process and grad_accum=1.
+
+class FlopgptRunner:
+    def __init__(self, cfg, batch_size: int, dataset: Path, device, dtype: str, compile: bool):
+        import torch
+        from model import GPT, TrainConfig
+        from model.data import Batches
+        self.raw = GPT(cfg).to(device)
+        self.model = torch.compile(self.raw) if compile else self.raw
+        self.tcfg = TrainConfig(dataset=str(dataset), batch_size=batch_size, max_iters=10**6)
+        self.optimizer = self.raw.configure_optimizer(1e-3, 0.1, (0.9, 0.99), device.type)
+        self.batches = Batches(dataset, "train", cfg.block_size, batch_size, seed=1337, device=device)
+        self.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+                         if dtype == "bfloat16" else nullcontext())
+        self.device = device
+        self.it = 0
+
+    def step(self) -> float:
+        import torch
+        from train import lr_at
+        lr = lr_at(self.it, self.tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        x, y = self.batches.next()
+        with self.autocast:
+            _, loss = self.model(x, y)
+        loss.backward()
+        loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm.item()
+        self.it += 1
+        return loss_sum.item()
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def parse_args(argv: list[str]) -> dict:
+    opts = {"quick": False, "recipes": None, "repeats": None, "steps": None, "warmup": None, "threads": 0,
+            "dataset": None, "device": "auto", "compile": True}
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        name = key.lstrip("-").replace("-", "_")
+        if not key.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; {USAGE}")
+        if name in ("quick",) and not eq:
+            opts["quick"] = True
+        elif name == "no_compile" and not eq:
+            opts["compile"] = False
+        elif name in ("repeats", "steps", "warmup", "threads") and eq:
+            try:
+                opts[name] = int(value)
+            except ValueError:
+                raise ValueError(f"--{name} expects an integer, got {value!r}") from None
+            if opts[name] < (0 if name in ("warmup", "threads") else 1):
+                raise ValueError(f"--{name} must be {'non-negative' if name in ('warmup', 'threads') else 'positive'},"
+                                 f" got {value}")
+        elif name == "recipes" and eq:
+            opts["recipes"] = [r for r in value.split(",") if r]
+            bad = [r for r in opts["recipes"] if r not in RECIPES]
+            if bad or not opts["recipes"]:
+                raise ValueError(f"--recipes: unknown recipe {bad[0] if bad else value!r}; expected a, b or a,b")
+        elif name in ("dataset", "device") and eq:
+            opts[name] = value
+        else:
+            raise ValueError(f"unknown or malformed option {arg!r}; {USAGE}")
+    return opts
+
+
+def variants_for(recipe: str, opts: dict, device) -> list[tuple[str, type, str, bool]]:
+    """(label, runner class, attention, compile) in timing order; the first is the baseline."""
+    rows = [("nanoGPT-style", NanoGPTRunner, "sdpa", False),
+            ("flopgpt sdpa", FlopgptRunner, "sdpa", False),
+            ("flopgpt manual", FlopgptRunner, "manual", False)]
+    if opts["compile"] and not opts["quick"]:
+        rows += [("nanoGPT-style compile", NanoGPTRunner, "sdpa", True),
+                 ("flopgpt sdpa compile", FlopgptRunner, "sdpa", True)]
+    return rows
+
+
+def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dtype: str, peak: float,
+                 log=print) -> list[dict]:
+    from model import GPTConfig
+    from model.flops import train_step_flops
+    shape, batch_size = RECIPES[recipe]
+    quick = opts["quick"]
+    big = recipe == "b" and device.type == "cpu"
+    repeats = opts["repeats"] or (3 if quick or big else 5)
+    steps = opts["steps"] or (2 if big else 10)
+    warmup = opts["warmup"] if opts["warmup"] is not None else (1 if big else 3)
+    rows = []
+    for label, runner_cls, attention, compile_ in variants_for(recipe, opts, device):
+        cfg = GPTConfig(vocab_size=vocab, attention=attention, **shape)
+        t0 = time.perf_counter()
+        runner = runner_cls(cfg, batch_size, dataset, device, dtype, compile_)
+        for _ in range(warmup):  # allocation, autotuning, compilation
+            runner.step()
+        rows.append({"label": label, "runner": runner, "cfg": cfg, "times": [],
+                     "setup_s": time.perf_counter() - t0})
+    sync = (lambda: __import__("torch").cuda.synchronize()) if device.type == "cuda" else (lambda: None)
+    for rep in range(repeats):
+        for row in rows:  # alternate, so slow phases of a shared machine hit every variant alike
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                row["runner"].step()  # ends in loss.item(): the step is complete when it returns
+                sync()
+                row["times"].append(time.perf_counter() - t0)
+    base = median(rows[0]["times"])
+    tokens = batch_size * shape["block_size"]
+    out = []
+    for row in rows:
+        dt = median(row["times"])
+        flops = train_step_flops(row["cfg"], batch_size, shape["block_size"])
+        out.append({"recipe": recipe, "variant": row["label"], "ms": dt * 1e3, "tokens_per_s": tokens / dt,
+                    "flops_per_s": flops / dt, "mfu": flops / dt / peak, "speedup": base / dt,
+                    "steps_timed": len(row["times"]), "setup_s": row["setup_s"]})
+        del row["runner"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip() + "\n\n" + USAGE)
+        return 0
+    sys.path.insert(0, str(ROOT))
+    try:
+        opts = parse_args(argv)
+        import torch
+        from model.data import ensure_dataset, load_meta
+        from model.peaks import peak_flops
+        from train import resolve_device, resolve_dtype
+        device = resolve_device(opts["device"])
+        shakespeare = ROOT / "data" / "shakespeare_char"
+        dataset = ensure_dataset(opts["dataset"] or (shakespeare if (shakespeare / "meta.json").is_file()
+                                                     else "data/pydoc_char"))
+        meta = load_meta(dataset)
+        if meta["dtype"] != "uint16":
+            raise ValueError(f"{dataset}: the nanoGPT-style baseline reads uint16 tokens, this dataset is "
+                             f"{meta['dtype']}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"train_speed.py: error: {e}", file=sys.stderr)
+        return 2
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = resolve_dtype("auto", device)
+    peak, peak_desc = peak_flops(device, 0.0)
+    recipes = opts["recipes"] or (["a"] if opts["quick"] else ["a", "b"])
+    print(f"device {device} ({torch.get_num_threads()} threads), {dtype}, torch {torch.__version__}; dataset "
+          f"{dataset} (vocab {meta['vocab_size']}); peak {peak / 1e9:,.1f} GFLOP/s ({peak_desc})", flush=True)
+    results = []
+    for recipe in recipes:
+        shape, bs = RECIPES[recipe]
+        print(f"\nrecipe ({recipe}): {shape['n_layer']} layers x {shape['n_head']} heads x {shape['n_embd']} wide, "
+              f"block {shape['block_size']}, batch {bs}, dropout {shape['dropout']}", flush=True)
+        rows = bench_recipe(recipe, opts, dataset, meta["vocab_size"], device, dtype, peak)
+        print(f"{'variant':24s} {'ms/step':>9s} {'tokens/s':>10s} {'GFLOP/s':>9s} {'MFU':>7s} {'vs nanoGPT':>10s}")
+        for r in rows:
+            print(f"{r['variant']:24s} {r['ms']:9.2f} {r['tokens_per_s']:10,.0f} {r['flops_per_s'] / 1e9:9.2f} "
+                  f"{r['mfu']:7.2%} {r['speedup']:9.2f}x", flush=True)
+        results += rows
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

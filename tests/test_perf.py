@@ -1,0 +1,97 @@
+"""Speed-related choices keep the numbers: exact GELU option, fused CPU AdamW, the linear lr schedule,
+the full-split evaluation of bench/tilt.py."""
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train as train_mod
+from model import GPT, GPTConfig, TrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import tilt  # noqa: E402
+
+
+def small(**kw):
+    return GPTConfig(**{**dict(vocab_size=31, block_size=16, n_layer=2, n_head=2, n_embd=32), **kw})
+
+
+def test_activation_choice_changes_only_the_mlp_nonlinearity():
+    x = torch.linspace(-4, 4, 101)
+    exact = GPT(small(activation="gelu")).transformer.h[0].mlp.gelu(x)
+    tanh = GPT(small()).transformer.h[0].mlp.gelu(x)
+    erf = 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))  # the definition
+    approx = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    torch.testing.assert_close(exact, erf, atol=1e-6, rtol=0)
+    torch.testing.assert_close(tanh, approx, atol=1e-6, rtol=0)
+    assert (exact - tanh).abs().max() > 1e-4  # the two really differ
+    with pytest.raises(ValueError, match="'relu'"):
+        small(activation="relu")
+
+
+def test_cpu_adamw_is_fused_and_matches_the_for_loop_reference():
+    torch.manual_seed(0)
+    # no biases: the key bias's gradient is pure rounding noise (softmax ignores it), which Adam amplifies
+    a, b = GPT(small(bias=False)), GPT(small(bias=False))
+    b.load_state_dict(a.state_dict())
+    opt_a = a.configure_optimizer(1e-2, 0.1, (0.9, 0.99), "cpu")
+    assert opt_a.defaults["fused"] is True
+    groups = [{"params": [p for p in b.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in b.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    opt_b = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.99), foreach=False)
+    x = torch.randint(0, 31, (3, 16))
+    for _ in range(4):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            model(x, x)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-6, rtol=1e-5)
+
+
+def test_linear_schedule_by_hand():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=2, max_iters=12, lr_schedule="linear")
+    assert [train_mod.lr_at(s, cfg) for s in range(2)] == [0.5, 1.0]
+    assert train_mod.lr_at(2, cfg) == pytest.approx(1.0)
+    assert train_mod.lr_at(7, cfg) == pytest.approx(0.55)  # halfway from step 2 to step 12
+    assert train_mod.lr_at(12, cfg) == pytest.approx(0.1) and train_mod.lr_at(50, cfg) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="'step'"):
+        TrainConfig(lr_schedule="step")
+
+
+def test_full_split_loss_equals_naive_windows():
+    torch.manual_seed(0)
+    model = GPT(small(block_size=8)).eval()
+    data = np.random.default_rng(0).integers(0, 31, size=61).astype(np.uint16)  # 7 windows + a short tail
+    got = tilt.full_split_loss(model, data, 8, batch_rows=3)
+    losses = []
+    with torch.no_grad():
+        for i in range(7):
+            x = torch.tensor(data[i * 8:i * 8 + 8], dtype=torch.long)[None]
+            y = torch.tensor(data[i * 8 + 1:i * 8 + 9], dtype=torch.long)[None]
+            losses.append(F.cross_entropy(model(x)[0][0], y[0]).item())
+    assert got == pytest.approx(sum(losses) / 7, rel=1e-5)
+    assert model.training is False
+
+
+def test_tilt_cli_errors_are_one_line(capsys):
+    assert tilt.main(["--eval-every=0", "configs/shakespeare_char_cpu.toml"]) == 2
+    assert tilt.main([]) == 2
+    assert tilt.main(["no/such.toml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("tilt.py: error:") for line in err)
+    assert "no/such.toml" in err[2]
+
+
+def test_exact_gelu_flops_match_the_fvcore_measurement():
+    from model import flops
+    from model.counters import fvcore_count
+    for act in ("gelu", "gelu_tanh"):
+        cfg = GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False, activation=act)
+        measured = fvcore_count(cfg, 2, 16)
+        assert measured.non_matmul["gelu"] == (5 if act == "gelu" else 9) * 2 * 16 * 4 * 32 * 2  # by hand
+        assert flops.forward(cfg, 2, 16).total == measured.total
