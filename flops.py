@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-USAGE = ("usage: python flops.py [CONFIG.toml] [--key=value ...] [--batch-size B] [--seq-len T] [--json] "
+USAGE = ("python flops.py [CONFIG.toml] [--key=value ...] [--batch-size B] [--seq-len T] [--json] "
          "[--sweep OUT_DIR] | --plan --tokens N [--device NAME | --peak-flops F] [--mfu M]")
 
 
@@ -42,7 +43,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     args, rest = p.parse_known_args(argv)
     for arg in rest:
         if not arg.startswith("--"):
-            raise ValueError(f"unexpected argument {arg!r}; {USAGE}")
+            raise ValueError(f"unexpected argument {arg!r}; usage: {USAGE}")
     return args, rest
 
 
@@ -367,4 +368,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # output piped into `head` and closed early
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

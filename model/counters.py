@@ -14,9 +14,9 @@ torch.utils.flop_counter.FlopCounterMode (dispatch level, counts FLOPs)
   Counts mm/addmm/bmm/baddbmm and the CUDA attention kernels only. Kernels it misses or counts otherwise:
   - CPU: scaled_dot_product_attention runs aten._scaled_dot_product_flash_attention_for_cpu (and its
     backward) in no_grad and in training (torch 2.13); neither has a formula, so attention counts 0 and
-    eval and train totals disagree. `TORCH_FORMULAS` adds both.
+    eval and train totals disagree. `torch_formulas()` adds both.
   - CUDA: the flash/efficient/cudnn backward formulas count 5 matmuls (they include recomputing the scores),
-    2.5x the forward's attention; `TORCH_FORMULAS` replaces them with the gradient's 4 (2x), the MFU
+    2.5x the forward's attention; `torch_formulas()` replaces them with the gradient's 4 (2x), the MFU
     convention (untested here: no GPU in CI; read from torch/utils/flop_counter.py).
   - meta tensors: sdpa decomposes to bmm, counted exactly; this is the default device, fast and exact.
 Neither counter knows about the causal mask: both count the full T x S attention rectangle.
@@ -33,7 +33,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from .config import GPTConfig
 from .flops import (ADD, ATTN_SCALE, CROSS_ENTROPY_PER_LOGIT, CROSS_ENTROPY_PER_ROW, GELU_ERF, GELU_TANH,
@@ -50,24 +49,9 @@ MATMUL_KEYS = frozenset(MATMUL_COMPONENTS) | {OTHER_MATMUL}
 # ----------------------------------------------------------------------------------------------------
 # Building and calling the model
 
-class _SkipInit(TorchFunctionMode):
-    """Skip parameter initialisation: meaningless on meta tensors, and meta's normal_ goes through
-    torch._refs, whose first call imports torch._dynamo (about 3 s)."""
-
-    INIT_OPS = frozenset({"normal_", "uniform_", "zero_", "fill_", "trunc_normal_"})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.INIT_OPS:
-            return args[0] if args else kwargs["tensor"]  # torch.nn.init.* pass `tensor=` by keyword
-        return func(*args, **(kwargs or {}))
-
-
 def build_model(cfg: GPTConfig, device: str | torch.device = "meta") -> GPT:
-    """GPT(cfg) with its parameters on `device`. On "meta" nothing is allocated and nothing initialised."""
-    if torch.device(device).type != "meta":
-        with torch.device(device):
-            return GPT(cfg)
-    with torch.device("meta"), _SkipInit():
+    """GPT(cfg) with its parameters on `device`; on "meta" no memory is allocated (shapes only)."""
+    with torch.device(device):
         return GPT(cfg)
 
 
@@ -396,7 +380,8 @@ def attention_backward_formula(grad_out_shape, query_shape, key_shape, value_sha
     return 2 * attention_forward_formula(query_shape, key_shape, value_shape)
 
 
-def _torch_formulas() -> dict:
+def torch_formulas() -> dict:
+    """FlopCounterMode custom_mapping: the CPU attention kernels it misses, and the gradient-only backward."""
     aten = torch.ops.aten
     return {
         aten._scaled_dot_product_flash_attention_for_cpu: attention_forward_formula,
@@ -444,7 +429,7 @@ def torch_count(cfg: GPTConfig, batch: int, seq_len: int, *, past: int = 0, last
     was_training = model.training
     model.train(train)
     idx = _tokens(batch, seq_len, device)
-    counter = FlopCounterMode(display=False, custom_mapping=_torch_formulas() if formulas else None)
+    counter = FlopCounterMode(display=False, custom_mapping=torch_formulas() if formulas else None)
     try:
         with counter:
             if train:

@@ -42,6 +42,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+        self._spare = None  # second (k, v) pair that reorder gathers into, made on the first reorder
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, nh, T, hs) at positions [pos, pos+T); return all keys/values so far."""
@@ -52,8 +53,21 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam search: each new beam continues an old one)."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        # the batch size changes (prompts -> beams), or autograd tracks the cache: fresh buffers
+        if index.numel() != self.k.size(1) or self.k.requires_grad:
+            self.k = self.k.index_select(1, index)
+            self.v = self.v.index_select(1, index)
+            self._spare = None
+            return
+        # same batch size (every beam-search step): gather only positions [0, pos) into the spare buffers and
+        # swap; allocating a fresh cache per step costs more than the copy itself (page faults)
+        if self._spare is None:
+            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+        k, v = self._spare
+        torch.index_select(self.k[:, :, :, :self.pos], 1, index, out=k[:, :, :, :self.pos])
+        torch.index_select(self.v[:, :, :, :self.pos], 1, index, out=v[:, :, :, :self.pos])
+        self._spare = (self.k, self.v)
+        self.k, self.v = k, v
 
     def reset(self) -> None:
         self.pos = 0
@@ -87,7 +101,7 @@ class CausalSelfAttention(nn.Module):
         if self.attention == "sdpa":
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                is_causal=(past == 0 and T > 1),
+                is_causal=bool(past == 0 and T > 1),  # a Python bool even under a JIT trace (fvcore)
             )  # (B, nh, T, hs)
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hs))  # (B, nh, T, S)
@@ -219,6 +233,37 @@ class GPT(nn.Module):
                 raise ValueError("last_only=True cannot compute a loss over all positions")
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True, on_token=None) -> torch.Tensor:
+        """Sample (temperature 0: greedy) up to max_new_tokens after idx (B, T) -> (B, T + n).
+
+        Stops early once every row has emitted eos_token_id. See model.sampling.generate.
+        """
+        from .sampling import generate
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_token_id=eos_token_id, generator=generator, use_cache=use_cache, on_token=on_token)
+
+    def beam_search(self, idx: torch.Tensor, max_new_tokens: int, *, num_beams: int, length_penalty: float = 1.0,
+                    early_stopping: bool | str = False, eos_token_id: int | None = None,
+                    no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
+                    use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Beam search -> (sequences, scores), as transformers' generate(num_beams=...) computes them.
+
+        See model.sampling.beam_search.
+        """
+        from .sampling import beam_search
+        return beam_search(self, idx, max_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
+                           early_stopping=early_stopping, eos_token_id=eos_token_id,
+                           no_repeat_ngram_size=no_repeat_ngram_size,
+                           num_return_sequences=num_return_sequences, use_cache=use_cache)
+
+    @classmethod
+    def from_pretrained(cls, path, device="cpu") -> "GPT":
+        """A local Hugging Face GPT-2 folder or a nanoGPT ckpt.pt; see model.weights.load_pretrained."""
+        from .weights import load_pretrained
+        return load_pretrained(path, device=device)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.transformer.wte.weight

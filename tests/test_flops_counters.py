@@ -12,7 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from model import GPTConfig
 from model import flops
 from model.counters import (FVCORE_RULES, attention_backward_formula, attention_forward_formula, build_model,
-                            fvcore_count, fvcore_default_count, fvcore_module_count, torch_count)
+                            fvcore_count, fvcore_default_count, fvcore_module_count, torch_count,
+                            torch_formulas)
 
 TORCH_COMPONENTS = ("qkv", "attn_proj", "mlp_up", "mlp_down", "lm_head")
 
@@ -120,6 +121,12 @@ def test_attention_formulas_by_hand():
     # scores 2·(2·3)·5·11·7, values 2·(2·3)·5·11·4
     assert attention_forward_formula(q, k, v) == 2 * 6 * 5 * 11 * (7 + 4) == 7260
     assert attention_backward_formula((2, 3, 5, 4), q, k, v) == 2 * 7260
+    aten, mapping = torch.ops.aten, torch_formulas()
+    assert mapping[aten._scaled_dot_product_flash_attention_for_cpu] is attention_forward_formula
+    for op in (aten._scaled_dot_product_flash_attention_for_cpu_backward,
+               aten._scaled_dot_product_flash_attention_backward, aten._scaled_dot_product_efficient_attention_backward,
+               aten._scaled_dot_product_cudnn_attention_backward):
+        assert mapping[op] is attention_backward_formula  # 4 matmuls, not torch's 5 (recomputation)
 
 
 def test_fvcore_out_of_the_box_misses_attention_and_nonmatmul_ops():
@@ -208,15 +215,14 @@ def test_sampling_module_runs_the_counted_schedule():
     cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=11)
     torch.manual_seed(0)
     model = build_model(cfg, "cpu")
-    from model.counters import _torch_formulas
     idx = torch.zeros(2, 3, dtype=torch.long)  # (B, p)
     for use_cache in (True, False):
-        counter = FlopCounterMode(display=False, custom_mapping=_torch_formulas())
+        counter = FlopCounterMode(display=False, custom_mapping=torch_formulas())
         with counter:
             out = sampling.generate(model, idx, 9, temperature=0.0, use_cache=use_cache)
         assert out.shape == (2, 12)
         assert counter.get_total_flops() == flops.generation(cfg, 3, 9, batch=2, use_cache=use_cache).total
-        counter = FlopCounterMode(display=False, custom_mapping=_torch_formulas())
+        counter = FlopCounterMode(display=False, custom_mapping=torch_formulas())
         with counter:
             sampling.beam_search(model, idx, 4, num_beams=3, use_cache=use_cache)
         assert counter.get_total_flops() == flops.beam_search(cfg, 3, 4, 3, batch=2, use_cache=use_cache).total

@@ -1,0 +1,142 @@
+"""Generation speed on one set of weights: our KV cache, our uncached loop, and transformers' generate.
+
+    python bench/sample_speed.py                      # 1,000 tokens after a 16-token prompt, median of 3
+    python bench/sample_speed.py --new-tokens 200 --repeats 2 --uncached-repeats 1
+
+The model is 6 layers x 384 wide (6 heads, block_size 1024) with GPT-2's vocabulary of 50,257 tokens and
+random weights (speed does not depend on the values); the transformers GPT2LMHeadModel is built from the same
+tensors, and the script checks that both produce the same tokens. Rows: greedy (batch 1), beam search with
+4 beams (batch 1), and greedy with a batch of prompts (throughput = batch x new tokens / time). Each timing is
+the median of several runs after a short warm-up run; no EOS, so every run generates exactly --new-tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--new-tokens", type=int, default=1000, help="tokens generated per run (default 1000)")
+    p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per cached/transformers entry (median)")
+    p.add_argument("--uncached-repeats", type=int, default=1,
+                   help="timed runs per uncached entry (default 1: quadratic, minutes each at 1000 tokens)")
+    p.add_argument("--batch", type=int, default=8, help="batch size of the throughput row (default 8)")
+    p.add_argument("--beams", type=int, default=4, help="beams of the beam-search row (default 4)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--no-uncached", action="store_true", help="skip the uncached entries")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers (also when it is not installed)")
+    args = p.parse_args(argv)
+    for name in ("new_tokens", "prompt_len", "repeats", "uncached_repeats", "batch", "beams"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.prompt_len + args.new_tokens > 1024:
+        p.error(f"--prompt-len + --new-tokens must fit block_size 1024, got {args.prompt_len + args.new_tokens}")
+    return args
+
+
+def timed(fn, repeats: int, sync):
+    """(median seconds over repeats, the last run's output)."""
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from model import GPT, GPTConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"error: --device {args.device} but CUDA is not available", file=sys.stderr)
+        return 2
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    hf = None
+    if not args.no_hf:
+        try:
+            import transformers
+            transformers.logging.set_verbosity_error()
+            from model.weights import to_hf_gpt2
+        except ImportError:
+            print("transformers is not installed: skipping its column")
+            args.no_hf = True
+
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=50257, block_size=1024, n_layer=6, n_head=6, n_embd=384)
+    model = GPT(config).to(device).eval()
+    if not args.no_hf:
+        hf = to_hf_gpt2(model)
+    n, T = args.new_tokens, args.prompt_len
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, config.vocab_size, (1, T), generator=gen).to(device)  # (1, T)
+    prompts = torch.randint(0, config.vocab_size, (args.batch, T), generator=gen).to(device)  # (B, T)
+
+    print(f"model: {config.n_layer} layers x {config.n_embd} wide, {config.n_head} heads, block_size "
+          f"{config.block_size}, vocab {config.vocab_size} (GPT-2 BPE), {model.num_params() / 1e6:.1f}M params, "
+          f"random fp32 weights; device {device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+          + ("" if args.no_hf else f", transformers {transformers.__version__}"))
+    print(f"prompt {T} tokens, {n} new tokens; median of {args.repeats} runs "
+          f"(uncached: {args.uncached_repeats}) after a warm-up run\n")
+
+    def ours(idx, beams, cache, tokens=n):
+        if beams == 1:
+            return lambda: model.generate(idx, tokens, temperature=0, use_cache=cache)
+        return lambda: model.beam_search(idx, tokens, num_beams=beams, use_cache=cache)[0]
+
+    def theirs(idx, beams, tokens=n):
+        return lambda: hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=tokens,
+                                   do_sample=False, num_beams=beams)
+
+    rows = [("greedy", prompt, 1), (f"beam search ({args.beams} beams)", prompt, args.beams),
+            (f"greedy, batch {args.batch}", prompts, 1)]
+    header = f"{'mode':<26}{'ours cache':>12}{'ours no cache':>15}{'transformers':>14}{'cache/no-cache':>16}" \
+             f"{'ours/transformers':>19}  same tokens"
+    print("tokens/s (batch rows: generated tokens summed over the batch)")
+    print(header)
+    for name, idx, beams in rows:
+        per_run = n * idx.size(0)
+        with torch.inference_mode():
+            ours(idx, beams, True, 4)()  # warm-up: first-call allocations and kernel selection
+            seconds, a = timed(ours(idx, beams, True), args.repeats, sync)
+            cached, uncached, ref, same = per_run / seconds, None, None, "-"
+            if not args.no_uncached:
+                ours(idx, beams, False, 4)()
+                seconds, b = timed(ours(idx, beams, False), args.uncached_repeats, sync)
+                uncached = per_run / seconds
+                assert torch.equal(a, b), "cached and uncached generation disagree"
+            if hf is not None:
+                theirs(idx, beams, 4)()
+                seconds, b = timed(theirs(idx, beams), args.repeats, sync)
+                ref = per_run / seconds
+                same = "yes" if a.shape == b.shape and torch.equal(a, b) else "NO"
+        print(f"{name:<26}{_num(cached, 12)}{_num(uncached, 15)}{_num(ref, 14)}"
+              f"{_ratio(cached, uncached, 16)}{_ratio(cached, ref, 19)}  {same}")
+    return 0
+
+
+def _num(value, width):
+    return f"{value:>{width}.1f}" if value is not None else f"{'-':>{width}}"
+
+
+def _ratio(a, b, width):
+    return f"{f'{a / b:.2f}x':>{width}}" if b else f"{'-':>{width}}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

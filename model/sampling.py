@@ -1,0 +1,404 @@
+"""Text generation: sampling steps as pure functions on logits, KV-cached generation, and beam search.
+
+The filters keep exactly the tokens Hugging Face transformers' TopKLogitsWarper / TopPLogitsWarper keep
+(min_tokens_to_keep=1), and `beam_search` reproduces transformers' `generate(num_beams>1, do_sample=False)`
+(version 5.x) step for step, scores included. The loops print nothing: streaming is a callback.
+
+Context longer than block_size: like nanoGPT, only the last block_size tokens are fed to the model. With the
+KV cache, positions are absolute within that window, so once the window starts to slide every new token
+shifts all positions and the cache is rebuilt from the cropped window: past block_size a cached step costs a
+full block_size-token forward, the same as an uncached one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch.nn import functional as F
+
+NOT_A_CANDIDATE = -1.0e9  # transformers' score for beams that must not be chosen (kept for identical ties)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure steps on logits (..., V)
+
+def check_logits(logits: torch.Tensor) -> None:
+    """Raise ValueError when a row contains NaN or +inf, or has no finite logit (all -inf): nothing to sample."""
+    # the row maximum propagates NaN and is +inf/-inf exactly in the bad cases: one reduction, one sync
+    row_max = logits.amax(dim=-1)  # (...,)
+    if not bool(torch.isfinite(row_max).all()):
+        bad = (~torch.isfinite(row_max)).nonzero()[0].tolist()
+        raise ValueError(f"logits row {bad} is unusable for sampling (NaN, +inf, or every entry -inf): "
+                         f"row max = {row_max[tuple(bad)].item()}")
+
+
+def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be None or an integer >= 0 (0 = no filtering), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature; temperature must be > 0 (greedy decoding is `greedy`, not a division by 0)."""
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0 here (use greedy for 0), got {temperature!r}")
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """Set to -inf every logit below the k-th largest of its row; ties with the k-th value are all kept.
+
+    top_k None or 0 keeps everything; top_k > V is clamped to V. At least one token is always kept.
+    """
+    validate_sampling(1.0, top_k, None)
+    if not top_k or top_k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (..., 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float | None) -> torch.Tensor:
+    """Nucleus filtering: keep the most probable tokens whose probabilities sum past top_p.
+
+    Token j is dropped when the probability mass of j and every token sorted at or below it (ascending order)
+    is <= 1 - top_p; the most probable token is always kept. Ties are ordered by the same ascending sort
+    transformers uses, so the kept set is the one its TopPLogitsWarper keeps. top_p None or 1 keeps everything.
+    """
+    validate_sampling(1.0, None, top_p)
+    if top_p is None or top_p >= 1.0:
+        return logits
+    ascending, order = torch.sort(logits, dim=-1)  # (..., V) each
+    mass_at_or_below = ascending.softmax(dim=-1).cumsum(dim=-1)  # (..., V)
+    drop_sorted = mass_at_or_below <= 1.0 - top_p  # (..., V)
+    drop_sorted[..., -1] = False  # the top token survives whatever rounding did
+    drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)  # (..., V) back in vocab order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax token of each row: (..., V) -> (...,)."""
+    return logits.argmax(dim=-1)
+
+
+def sample(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row from softmax(logits) with an explicit generator: (B, V) -> (B,)."""
+    probs = F.softmax(logits.float(), dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)  # (B,)
+
+
+def next_token(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One decoding step (B, V) -> (B,): greedy when temperature == 0, else temperature, top-k, top-p, sample.
+
+    The order is transformers' warper order, so with torch.manual_seed(s) there and a generator seeded s here
+    the same tokens are drawn.
+    """
+    if temperature == 0:
+        check_logits(logits)
+        return greedy(logits)
+    logits = apply_temperature(logits, temperature)
+    check_logits(logits)  # after scaling: a tiny temperature can overflow to inf
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
+    return sample(logits, generator)
+
+
+def ban_repeated_ngrams(seqs: torch.Tensor, log_probs: torch.Tensor, n: int) -> torch.Tensor:
+    """Set to -inf each token that would complete an n-gram already present in its row of seqs (N, L).
+
+    The candidates are the n-grams whose first n-1 tokens equal the row's last n-1 tokens; each bans its last
+    token. Same rule as transformers' NoRepeatNGramLogitsProcessor.
+    """
+    N, L = seqs.shape
+    if n <= 0 or L < n:
+        return log_probs
+    windows = seqs.unfold(1, n, 1)  # (N, L-n+1, n), every n-gram of each row
+    suffix = seqs[:, L - n + 1:]  # (N, n-1), the prefix the next token would extend
+    hit = (windows[:, :, :-1] == suffix[:, None, :]).all(dim=-1)  # (N, L-n+1)
+    # scatter_add, not scatter: a token can be hit by one window and missed by another
+    banned = torch.zeros(N, log_probs.size(-1), device=log_probs.device)  # (N, V)
+    banned.scatter_add_(1, windows[:, :, -1], hit.float())
+    return log_probs.masked_fill(banned > 0, float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model's view of a growing batch of sequences
+
+class _Window:
+    """Next-token logits for each row of seqs[:, :length], fed through the KV cache when there is one.
+
+    The model sees the last block_size tokens (nanoGPT's crop). With a cache, one new token per call is fed
+    while the window does not move; when it slides, positions shift, so the cache is refilled from the
+    cropped window (the uncached computation exactly, at the uncached cost).
+    """
+
+    def __init__(self, model, rows: int, total_len: int, use_cache: bool):
+        self.model = model
+        self.block = model.config.block_size
+        self.cache = model.new_cache(rows, min(self.block, total_len)) if use_cache else None
+        self.start = 0  # absolute index of the cache's first token
+
+    def logits(self, seqs: torch.Tensor, length: int) -> torch.Tensor:
+        start = max(0, length - self.block)
+        cache = self.cache
+        if cache is not None and cache.pos > 0 and start == self.start and cache.pos == length - start - 1:
+            x = seqs[:, length - 1:length]  # (N, 1): only the newest token
+        else:
+            if cache is not None:
+                cache.reset()
+                self.start = start
+            x = seqs[:, start:length]  # (N, <=block_size)
+        logits, _ = self.model(x, kv_cache=cache, last_only=True)  # (N, 1, V)
+        return logits[:, -1].float()  # (N, V)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+
+def _check_prompt(model, idx: torch.Tensor) -> None:
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+        shape = tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"idx must be a 2-D integer tensor (batch, time), got {shape}")
+    if idx.size(0) == 0 or idx.size(1) == 0:
+        raise ValueError(f"idx must hold at least one token per row, got shape {tuple(idx.shape)}")
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= model.config.vocab_size:
+        raise ValueError(f"token id {lo if lo < 0 else hi} outside the vocabulary [0, {model.config.vocab_size})")
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_eos(model, eos_token_id) -> None:
+    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
+                                     or not 0 <= eos_token_id < model.config.vocab_size):
+        raise ValueError(f"eos_token_id must be None or a token id in [0, {model.config.vocab_size}), "
+                         f"got {eos_token_id!r}")
+
+
+class _EvalMode:
+    """Eval mode inside the block, the caller's train/eval mode restored after."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampling / greedy generation
+
+def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
+             generator: torch.Generator | None = None, use_cache: bool = True,
+             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Extend each prompt row of idx (B, T) by up to max_new_tokens tokens -> (B, T + n), n <= max_new_tokens.
+
+    temperature=0 is greedy (argmax); otherwise logits / temperature, then top-k, then top-p, then one draw
+    per row from `generator` (None: torch's default generator). A row that emits eos_token_id has finished:
+    later positions are filled with eos_token_id while other rows continue, and generation stops early once
+    every row has finished (as transformers does), so n can be < max_new_tokens. on_token, when given, is
+    called with the (B,) tokens of each step (streaming). Runs under torch.inference_mode() in eval mode and
+    restores the model's train/eval mode afterwards. use_cache=False recomputes the whole (cropped) context
+    each step; both give the same tokens.
+    """
+    _check_prompt(model, idx)
+    _check_count("max_new_tokens", max_new_tokens, 0)
+    validate_sampling(temperature, top_k, top_p)
+    _check_eos(model, eos_token_id)
+    with _EvalMode(model), torch.inference_mode():
+        B, T = idx.shape
+        out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T+n), filled below
+        out[:, :T] = idx
+        window = _Window(model, B, T + max_new_tokens, use_cache)
+        finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_token_id is not None else None
+        length = T
+        for _ in range(max_new_tokens):
+            logits = window.logits(out, length)  # (B, V)
+            tok = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if finished is not None:
+                tok = tok.masked_fill(finished, eos_token_id)  # (B,) finished rows are padded with eos
+                finished |= tok == eos_token_id
+            out[:, length] = tok
+            length += 1
+            if on_token is not None:
+                on_token(tok)
+            if finished is not None and bool(finished.all()):
+                break
+        return out[:, :length]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Beam search (the semantics of transformers 5.x `generate(num_beams>1, do_sample=False)`)
+
+def _pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of t (B, K, ...) chosen per batch by index (B, m) -> (B, m, ...)."""
+    index = index.view(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:])
+    return t.gather(1, index)
+
+
+def _check_beam_args(num_beams, length_penalty, early_stopping, no_repeat_ngram_size,
+                     num_return_sequences) -> None:
+    _check_count("num_beams", num_beams, 1)
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
+            or not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    _check_count("no_repeat_ngram_size", no_repeat_ngram_size, 0)
+    _check_count("num_return_sequences", num_return_sequences, 1)
+    if num_return_sequences > num_beams:
+        raise ValueError(f"num_return_sequences={num_return_sequences} exceeds num_beams={num_beams}")
+
+
+def beam_search(model, idx: torch.Tensor, max_new_tokens: int, *, num_beams: int, length_penalty: float = 1.0,
+                early_stopping: bool | str = False, eos_token_id: int | None = None,
+                no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
+                use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search over prompts idx (B, T) -> (sequences (B·R, <= T+n), scores (B·R,)), R = num_return_sequences.
+
+    Returns, per prompt, the R best finished hypotheses, best first. A hypothesis finishes when it emits
+    eos_token_id or reaches T + max_new_tokens tokens; its score is its summed log-probability divided by
+    (generated tokens, eos included, prompt excluded) ** length_penalty (transformers' `sequences_scores`).
+    Each step looks at the 2·num_beams best (beam, token) continuations: an eos among the first num_beams
+    is a finished candidate, the best num_beams non-eos ones continue. The search stops when every step is
+    taken, or when no open beam can still beat the worst of the num_beams kept hypotheses of any prompt:
+    early_stopping=True stops a prompt as soon as num_beams hypotheses have finished; False estimates the
+    best reachable score at the current length; "never" (with length_penalty > 0) at the maximum length.
+    Sequences shorter than the longest returned one are padded with eos_token_id. num_beams=1 is greedy
+    decoding (as in transformers), scored the same way. no_repeat_ngram_size=n > 0 forbids repeating any
+    n-gram (prompt included).
+    """
+    _check_prompt(model, idx)
+    _check_count("max_new_tokens", max_new_tokens, 1)
+    _check_beam_args(num_beams, length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences)
+    _check_eos(model, eos_token_id)
+    with _EvalMode(model), torch.inference_mode():
+        if num_beams == 1:
+            return _greedy_scored(model, idx, max_new_tokens, length_penalty, eos_token_id,
+                                  no_repeat_ngram_size, use_cache)
+        return _beam_search(model, idx, max_new_tokens, num_beams, length_penalty, early_stopping,
+                            eos_token_id, no_repeat_ngram_size, num_return_sequences, use_cache)
+
+
+def _greedy_scored(model, idx, max_new_tokens, length_penalty, eos_token_id, no_repeat_ngram_size, use_cache):
+    B, T = idx.shape
+    out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T+n)
+    out[:, :T] = idx
+    window = _Window(model, B, T + max_new_tokens, use_cache)
+    total = torch.zeros(B, device=idx.device)  # (B,) summed log-probabilities of the chosen tokens
+    gen_len = torch.zeros(B, dtype=torch.long, device=idx.device)  # (B,) tokens generated up to eos
+    finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
+    length = T
+    for _ in range(max_new_tokens):
+        log_probs = F.log_softmax(window.logits(out, length), dim=-1)  # (B, V)
+        check_logits(log_probs)
+        log_probs = ban_repeated_ngrams(out[:, :length], log_probs, no_repeat_ngram_size)
+        tok = greedy(log_probs)  # (B,)
+        live = ~finished
+        total += torch.where(live, log_probs.gather(1, tok[:, None]).squeeze(1), 0.0)
+        gen_len += live.long()
+        if eos_token_id is not None:
+            tok = tok.masked_fill(finished, eos_token_id)
+            finished |= tok == eos_token_id
+        out[:, length] = tok
+        length += 1
+        if eos_token_id is not None and bool(finished.all()):
+            break
+    return out[:, :length], total / gen_len.double().pow(length_penalty).float()
+
+
+def _beam_search(model, idx, max_new_tokens, nb, length_penalty, early_stopping, eos_token_id,
+                 no_repeat_ngram_size, num_return_sequences, use_cache):
+    B, T = idx.shape
+    dev = idx.device
+    L = T + max_new_tokens
+    K = 2 * nb  # candidates per prompt and step: enough that num_beams of them are not eos
+    pad = eos_token_id if eos_token_id is not None else 0
+    es_true = early_stopping is True
+    running = torch.full((B, nb, L), pad, dtype=torch.long, device=dev)  # (B, nb, L) open beams
+    running[:, :, :T] = idx[:, None, :]
+    run_score = torch.zeros(B, nb, device=dev)  # (B, nb) summed log-probabilities
+    run_score[:, 1:] = NOT_A_CANDIDATE  # identical beams at the start: only beam 0 may expand
+    fin_seq = running.clone()  # (B, nb, L) the nb best finished hypotheses
+    fin_score = torch.full((B, nb), NOT_A_CANDIDATE, device=dev)  # (B, nb) length-penalised
+    fin_done = torch.zeros(B, nb, dtype=torch.bool, device=dev)  # (B, nb) slot holds a real hypothesis
+    fin_len = torch.zeros(B, nb, dtype=torch.long, device=dev)  # (B, nb) generated tokens
+    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)  # (B, 1) open beams may still win
+    in_top_nb = torch.arange(K, device=dev) < nb  # (K,) only these candidates may finish
+    batch_base = torch.arange(B, device=dev)[:, None] * nb  # (B, 1) row offset of each prompt's beams
+
+    # prefill the B prompts once, then give every beam a copy of its prompt's cache rows
+    window = _Window(model, B, L, use_cache)
+    logits = window.logits(idx, T).repeat_interleave(nb, dim=0)  # (B·nb, V)
+    window.reorder(torch.arange(B, device=dev).repeat_interleave(nb))
+    for step in range(max_new_tokens):
+        cur = T + step  # tokens in each open beam
+        flat = running.view(B * nb, L)
+        log_probs = F.log_softmax(logits, dim=-1)  # (B·nb, V)
+        check_logits(log_probs)
+        log_probs = ban_repeated_ngrams(flat[:, :cur], log_probs, no_repeat_ngram_size)
+        V = log_probs.size(-1)
+        total = (log_probs.view(B, nb, V) + run_score[:, :, None]).view(B, nb * V)  # (B, nb·V)
+        cand_score, cand = torch.topk(total, K, dim=1)  # (B, K) each, best first
+        cand_beam, cand_tok = cand // V, cand % V  # (B, K) each
+        cand_seq = _pick(running, cand_beam)  # (B, K, L)
+        cand_seq[:, :, cur] = cand_tok
+        if step == max_new_tokens - 1:
+            ends = torch.ones(B, K, dtype=torch.bool, device=dev)  # max length: every candidate ends
+        elif eos_token_id is not None:
+            ends = cand_tok == eos_token_id  # (B, K)
+        else:
+            ends = torch.zeros(B, K, dtype=torch.bool, device=dev)
+
+        # the num_beams best candidates that did not end stay open
+        open_score = cand_score + ends.float() * NOT_A_CANDIDATE  # (B, K)
+        keep = torch.topk(open_score, nb, dim=1).indices  # (B, nb)
+        running = _pick(cand_seq, keep)  # (B, nb, L)
+        run_score = open_score.gather(1, keep)  # (B, nb)
+        src_row = (cand_beam.gather(1, keep) + batch_base).view(-1)  # (B·nb,) old beam of each new beam
+
+        # candidates that ended among the first nb compete with the kept hypotheses on penalised score
+        fresh = ends & in_top_nb  # (B, K)
+        scored = cand_score / ((cur + 1 - T) ** length_penalty)  # (B, K)
+        closed = fin_done.all(dim=1, keepdim=True) & es_true  # (B, 1) early_stopping=True and nb finished
+        scored = scored + closed.float() * NOT_A_CANDIDATE
+        scored = scored + (~improvable).float() * NOT_A_CANDIDATE
+        scored = scored + (~fresh).float() * NOT_A_CANDIDATE
+        merged_score = torch.cat((fin_score, scored), dim=1)  # (B, nb+K)
+        best = torch.topk(merged_score, nb, dim=1).indices  # (B, nb)
+        fin_score = merged_score.gather(1, best)
+        fin_seq = _pick(torch.cat((fin_seq, cand_seq), dim=1), best)  # (B, nb, L)
+        fin_done = torch.cat((fin_done, fresh), dim=1).gather(1, best)  # (B, nb)
+        new_len = torch.full((B, K), cur + 1 - T, dtype=torch.long, device=dev)  # (B, K)
+        fin_len = torch.cat((fin_len, new_len), dim=1).gather(1, best)  # (B, nb)
+
+        # can an open beam still beat the worst kept hypothesis? (transformers' heuristic, per prompt)
+        cur += 1
+        reach = (L - T) if (early_stopping == "never" and length_penalty > 0.0) else (cur - T)
+        best_open = run_score[:, :1] / (reach ** length_penalty)  # (B, 1)
+        worst_kept = torch.where(fin_done, fin_score.min(dim=1, keepdim=True).values, NOT_A_CANDIDATE)  # (B, nb)
+        improvable = improvable & (best_open > worst_kept).any(dim=1, keepdim=True)
+        stop = ~improvable.any() | (fin_done.all() & es_true) | ends.all()
+        if step == max_new_tokens - 1 or bool(stop):
+            break
+        window.reorder(src_row)
+        logits = window.logits(running.view(B * nb, L), cur)  # (B·nb, V)
+
+    R = num_return_sequences
+    seqs = fin_seq[:, :R].reshape(B * R, L)  # (B·R, L)
+    out_len = T + int(fin_len[:, :R].max())
+    return seqs[:, :out_len], fin_score[:, :R].reshape(B * R)

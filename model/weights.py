@@ -1,0 +1,210 @@
+"""Pretrained weights from local files: Hugging Face GPT-2 folders and nanoGPT ckpt.pt files. No network.
+
+Hugging Face GPT-2 stores its four matmul weights per block as Conv1D, shaped (in, out); torch's Linear is
+(out, in), so those are transposed. Our parameter names are GPT-2's, so nothing else is renamed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from .config import GPTConfig
+from .gpt import GPT
+
+CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older HF GPT-2 and nanoGPT's slow path
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation our MLP uses
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """A GPT from a Hugging Face GPT-2 folder (config.json + weights) or a nanoGPT checkpoint file, in eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        model = load_hf_gpt2(path)
+    elif path.is_file():
+        model = load_nanogpt(path)
+    else:
+        raise FileNotFoundError(f"no such checkpoint file or Hugging Face folder: {path}")
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face GPT-2
+
+def config_from_hf(hf: dict, source: str = "config.json") -> GPTConfig:
+    """GPTConfig from a GPT-2 config.json dict; anything our model computes differently is a ValueError."""
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"{source}: model_type {hf['model_type']!r} is not gpt2")
+    checks = {
+        "activation_function": (hf.get("activation_function", "gelu_new"), GELU_TANH),
+        "layer_norm_epsilon": (hf.get("layer_norm_epsilon", 1e-5), (1e-5,)),
+        "scale_attn_weights": (hf.get("scale_attn_weights", True), (True,)),
+        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+        "add_cross_attention": (hf.get("add_cross_attention", False), (False,)),
+        "tie_word_embeddings": (hf.get("tie_word_embeddings", True), (True,)),
+    }
+    for key, (value, allowed) in checks.items():
+        if value not in allowed:
+            raise ValueError(f"{source}: {key}={value!r} is not supported (expected one of {list(allowed)})")
+    try:
+        n_embd = hf["n_embd"]
+        n_inner = hf.get("n_inner")
+        if n_inner not in (None, 4 * n_embd):
+            raise ValueError(f"{source}: n_inner={n_inner} is not supported (the MLP is 4·n_embd={4 * n_embd})")
+        return GPTConfig(vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
+                         n_head=hf["n_head"], n_embd=n_embd, dropout=0.0, bias=True)
+    except KeyError as e:
+        raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+
+
+def hf_config(config: GPTConfig) -> dict:
+    """The config.json dict of a transformers GPT2LMHeadModel with the same shape as config (no dropout)."""
+    if config.pos_encoding != "learned" or not config.bias:
+        raise ValueError(f"GPT-2 has learned positions and biases; this model has pos_encoding="
+                         f"{config.pos_encoding!r}, bias={config.bias}")
+    return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=config.vocab_size,
+                n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
+                n_head=config.n_head, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+                bos_token_id=None, eos_token_id=None)
+
+
+def _read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    for name in HF_WEIGHT_FILES:
+        file = folder / name
+        if not file.is_file():
+            continue
+        if name.endswith(".safetensors"):
+            try:
+                from safetensors.torch import load_file
+            except ImportError:
+                raise ValueError(f"{file}: reading .safetensors needs the safetensors package "
+                                 f"(pip install safetensors)") from None
+            try:
+                return load_file(str(file)), file
+            except Exception as e:  # safetensors raises its own error types for corrupt files
+                raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+        return _torch_load(file), file
+    raise FileNotFoundError(f"{folder}: no {' or '.join(HF_WEIGHT_FILES)} (sharded checkpoints are not supported)")
+
+
+def load_hf_gpt2(folder: str | Path) -> GPT:
+    """A GPT with the weights of a local Hugging Face GPT-2 folder (config.json + safetensors or .bin)."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"Hugging Face folder has no config.json: {config_file}")
+    try:
+        hf = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file}: not valid JSON: {e}") from None
+    config = config_from_hf(hf, str(config_file))
+    state, file = _read_hf_weights(folder)
+    model = GPT(config)
+    _load_state(model, state, file, transpose=CONV1D)
+    return model
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """model's weights under transformers GPT2LMHeadModel's names and shapes (Conv1D weights as (in, out))."""
+    hf_config(model.config)  # raises for shapes GPT-2 cannot hold
+    out = {}
+    for key, value in model.state_dict().items():
+        value = value.detach()
+        out[key] = value.t().contiguous() if key.endswith(CONV1D) else value.clone()
+    return out
+
+
+def to_hf_gpt2(model: GPT):
+    """A transformers GPT2LMHeadModel (eval mode) holding model's weights; needs transformers."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(GPT2Config(**hf_config(model.config))).eval()
+    hf.load_state_dict(hf_state_dict(model), strict=True)
+    return hf.to(model.transformer.wte.weight.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# nanoGPT ckpt.pt: {"model_args": dict(n_layer, n_head, n_embd, block_size, bias, vocab_size, dropout),
+#                   "model": state_dict (maybe with torch.compile's "_orig_mod." prefix), ...}
+
+def load_nanogpt(file: str | Path) -> GPT:
+    """A GPT from a nanoGPT-format checkpoint file (model_args + model state dict)."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {file}")
+    ckpt = _torch_load(file)
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
+        keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{file}: unknown checkpoint format (expected nanoGPT's 'model_args' and 'model' keys, "
+                         f"found {keys})")
+    args = dict(ckpt["model_args"])
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"{file}: model_args has keys GPTConfig does not know: {unknown}")
+    try:
+        config = GPTConfig(**args)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    model = GPT(config)
+    _load_state(model, ckpt["model"], file)
+    return model
+
+
+def save_nanogpt(model: GPT, file: str | Path, **extra) -> None:
+    """Write model as a nanoGPT ckpt.pt (model_args + model; extra keys such as iter_num are stored too)."""
+    args = dataclasses.asdict(model.config)
+    torch.save({"model_args": args, "model": model.state_dict(), **extra}, file)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def _torch_load(file: Path):
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types; all mean "not a checkpoint we can read"
+        raise ValueError(f"{file}: cannot be read as a torch checkpoint with weights_only=True ({e})") from None
+
+
+def _canonical(key: str) -> str:
+    """Our name for a checkpoint key: no torch.compile/DDP wrappers, with the 'transformer.' prefix."""
+    for prefix in ("_orig_mod.", "module."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    if key.startswith("transformer."):
+        key = key[len("transformer."):]
+    return key if key == "lm_head.weight" else "transformer." + key
+
+
+def _load_state(model: GPT, state: dict, file: Path, transpose: tuple[str, ...] = ()) -> None:
+    """Copy a checkpoint state dict into model, checking names and shapes; errors name the file."""
+    ours = model.state_dict()
+    loaded: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or key.endswith(BUFFERS):
+            continue
+        name = _canonical(key)
+        if name.endswith(transpose):
+            value = value.t()
+        loaded[name] = value
+    head = loaded.pop("lm_head.weight", None)
+    wte = loaded.get("transformer.wte.weight")
+    # the head is tied to the embedding: a stored copy must equal it (Hugging Face's safetensors omit it)
+    if head is not None and wte is not None and (head.shape != wte.shape or not torch.equal(head, wte)):
+        raise ValueError(f"{file}: lm_head.weight differs from transformer.wte.weight; untied heads are not supported")
+    expected = {k for k in ours if k != "lm_head.weight"}
+    missing, unexpected = sorted(expected - set(loaded)), sorted(set(loaded) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{file}: state dict does not match the model: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}")
+    for key in sorted(expected):
+        if loaded[key].shape != ours[key].shape:
+            raise ValueError(f"{file}: {key} has shape {tuple(loaded[key].shape)}, the config implies "
+                             f"{tuple(ours[key].shape)}")
+    model.load_state_dict({**loaded, "lm_head.weight": loaded["transformer.wte.weight"]}, strict=True)
