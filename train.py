@@ -198,6 +198,7 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     from model.data import Batches, load_meta
     from model.flops import train_step_flops
     from model.peaks import mfu, peak_flops
+    from model.planner import plan_run
 
     stop_flag = stop_flag if stop_flag is not None else {}
     dist = Distributed()
@@ -275,6 +276,7 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     peak, peak_desc = peak_flops(device, cfg.peak_flops)
     peak_total = peak * dist.world
 
+    remaining = cfg.max_iters - step
     if dist.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is not None and metrics_path.exists():  # drop records the resumed steps will write again
@@ -282,14 +284,14 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
             metrics_path.write_text("".join(ln + "\n" for ln in keep))
         elif ckpt is None:
             metrics_path.write_text("")
-        remaining = cfg.max_iters - step
-        total_flops = flops_per_step * remaining
         print(f"model: {raw_model.num_params():,} parameters ({raw_model.num_params(True):,} non-embedding); "
               f"{dist.world} process(es) on {device}, {dtype}", file=sys.stderr)
-        print(f"plan: {remaining} steps x {tokens_per_step:,} tokens = {remaining * tokens_per_step:,} tokens; "
-              f"{human(total_flops, 'FLOP')} exact training compute ({flops_per_step:,} FLOPs/step); "
-              f"at least {seconds_str(total_flops / peak_total)} at 100% of the peak "
-              f"{human(peak_total, 'FLOP/s')}: {peak_desc}", file=sys.stderr)
+    if dist.master and remaining > 0:
+        plan = plan_run(model_cfg, remaining * tokens_per_step, T, peak_total)
+        print(f"plan: {remaining} steps x {tokens_per_step:,} tokens = {plan['tokens']:,} tokens; exact training "
+              f"compute {plan['flops']:.4g} FLOPs ({plan['scale']}; 6ND would say {plan['flops_6nd']:.4g}); "
+              f"estimated {seconds_str(plan['seconds'])} at {plan['mfu']:.0%} MFU of "
+              f"{human(peak_total, 'FLOP/s')} ({peak_desc})", file=sys.stderr)
 
     metrics = metrics_path.open("a") if dist.master else None
     bar = tqdm(total=cfg.max_iters, initial=step, disable=not (dist.master and cfg.progress),
@@ -384,7 +386,7 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
                "mfu": mfu(flops_per_step, median_dt, peak_total) if timed else float("nan"),
                "out_dir": str(out_dir)}
     if dist.master:
-        print(f"done: {done} steps, {summary['tokens']:,} tokens, {human(summary['flops'], 'FLOP')} achieved "
+        print(f"done: {done} steps, {summary['tokens']:,} tokens, {summary['flops']:.4g} FLOPs achieved "
               f"in {seconds_str(elapsed)} (median {median_dt * 1e3:.1f} ms/step, "
               f"{summary['tokens_per_s']:,.0f} tok/s, MFU {summary['mfu']:.1%}); best val loss {best_val:.4f}; "
               f"checkpoints in {out_dir}", file=sys.stderr)

@@ -51,9 +51,14 @@ def test_lr_schedule_by_hand():
     assert train_mod.lr_at(14, cfg) == pytest.approx(0.1) and train_mod.lr_at(99, cfg) == pytest.approx(0.1)
 
 
-def test_train_checkpoint_load_round_trip(dataset, tmp_path):
+def test_train_checkpoint_load_round_trip(dataset, tmp_path, capsys):
+    from model.flops import train_step_flops
     model_cfg, cfg = cfgs(dataset, tmp_path / "run")
     summary = train_mod.train(model_cfg, cfg)
+    err = capsys.readouterr().err
+    exact = 6 * train_step_flops(model_cfg, 4, 16)  # planned before, achieved after: the same exact count
+    assert summary["flops"] == exact
+    assert f"exact training compute {exact:.4g} FLOPs" in err and f"{exact:.4g} FLOPs achieved" in err
     assert summary["step"] == 6 and summary["val_loss"] < math.log(model_cfg.vocab_size)
     out = tmp_path / "run"
     assert {p.name for p in out.iterdir()} >= {"best.pt", "last.pt", "metrics.jsonl", "loss.png"}
