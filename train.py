@@ -312,7 +312,7 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
                                               "val_loss": last_losses["val"]}) + "\n")
                     metrics.flush()
                     bar.write(f"step {step}: train loss {last_losses['train']:.4f}, val loss "
-                              f"{last_losses['val']:.4f}")
+                              f"{last_losses['val']:.4f}", file=sys.stderr)  # stdout stays clean
                     if last_losses["val"] < best_val:
                         best_val = last_losses["val"]
                         save_checkpoint(state(step), best_path)
