@@ -1,7 +1,7 @@
 """Generation speed on one set of weights: our KV cache, our uncached loop, and transformers' generate.
 
     python bench/sample_speed.py                      # 1,000 tokens after a 16-token prompt, median of 3
-    python bench/sample_speed.py --new-tokens 200 --repeats 2 --uncached-repeats 1
+    python bench/sample_speed.py --threads 1 --new-tokens 200 --repeats 2 --uncached all
 
 The model is 6 layers x 384 wide (6 heads, block_size 1024) with GPT-2's vocabulary of 50,257 tokens and
 random weights (speed does not depend on the values); the transformers GPT2LMHeadModel is built from the same
@@ -20,8 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit 2 (argparse would add the usage)
+        print(f"sample_speed.py: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="sample_speed.py", description=__doc__.split("\n")[0])
     p.add_argument("--new-tokens", type=int, default=1000, help="tokens generated per run (default 1000)")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per cached/transformers entry (median)")
@@ -31,7 +37,9 @@ def parse_args(argv):
     p.add_argument("--beams", type=int, default=4, help="beams of the beam-search row (default 4)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--no-uncached", action="store_true", help="skip the uncached entries")
+    p.add_argument("--uncached", choices=("greedy", "all", "none"), default="greedy",
+                   help="rows that also run without the cache (default greedy: beam and batch rows without a "
+                        "cache take tens of minutes at 1000 tokens)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (also when it is not installed)")
     args = p.parse_args(argv)
     for name in ("new_tokens", "prompt_len", "repeats", "uncached_repeats", "batch", "beams"):
@@ -42,16 +50,19 @@ def parse_args(argv):
     return args
 
 
-def timed(fn, repeats: int, sync):
-    """(median seconds over repeats, the last run's output)."""
-    times = []
+def timed(fns: dict, repeats: int, sync) -> dict:
+    """name -> (median seconds, last output); the runs of the entries alternate, so a load change on a
+    shared machine hits every entry alike."""
+    times = {name: [] for name in fns}
+    outputs = {}
     for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            outputs[name] = fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), outputs[name]) for name in fns}
 
 
 def main(argv=None) -> int:
@@ -106,27 +117,29 @@ def main(argv=None) -> int:
     rows = [("greedy", prompt, 1), (f"beam search ({args.beams} beams)", prompt, args.beams),
             (f"greedy, batch {args.batch}", prompts, 1)]
     header = f"{'mode':<26}{'ours cache':>12}{'ours no cache':>15}{'transformers':>14}{'cache/no-cache':>16}" \
-             f"{'ours/transformers':>19}  same tokens"
+             f"{'ours/transformers':>19}  same tokens (no cache, transformers)"
     print("tokens/s (batch rows: generated tokens summed over the batch)")
     print(header)
     for name, idx, beams in rows:
         per_run = n * idx.size(0)
+        fns = {"cache": ours(idx, beams, True)}
+        if hf is not None:
+            fns["hf"] = theirs(idx, beams)
         with torch.inference_mode():
             ours(idx, beams, True, 4)()  # warm-up: first-call allocations and kernel selection
-            seconds, a = timed(ours(idx, beams, True), args.repeats, sync)
-            cached, uncached, ref, same = per_run / seconds, None, None, "-"
-            if not args.no_uncached:
-                ours(idx, beams, False, 4)()
-                seconds, b = timed(ours(idx, beams, False), args.uncached_repeats, sync)
-                uncached = per_run / seconds
-                assert torch.equal(a, b), "cached and uncached generation disagree"
             if hf is not None:
                 theirs(idx, beams, 4)()
-                seconds, b = timed(theirs(idx, beams), args.repeats, sync)
-                ref = per_run / seconds
-                same = "yes" if a.shape == b.shape and torch.equal(a, b) else "NO"
-        print(f"{name:<26}{_num(cached, 12)}{_num(uncached, 15)}{_num(ref, 14)}"
-              f"{_ratio(cached, uncached, 16)}{_ratio(cached, ref, 19)}  {same}")
+            res = timed(fns, args.repeats, sync)
+            if args.uncached == "all" or (args.uncached == "greedy" and name == "greedy"):
+                ours(idx, beams, False, 4)()
+                res.update(timed({"no cache": ours(idx, beams, False)}, args.uncached_repeats, sync))
+        speed = {k: per_run / sec for k, (sec, _) in res.items()}
+        out = res["cache"][1]
+        same = [("yes" if res[k][1].shape == out.shape and torch.equal(res[k][1], out) else "NO")
+                if k in res else "-" for k in ("no cache", "hf")]
+        print(f"{name:<26}{_num(speed.get('cache'), 12)}{_num(speed.get('no cache'), 15)}"
+              f"{_num(speed.get('hf'), 14)}{_ratio(speed.get('cache'), speed.get('no cache'), 16)}"
+              f"{_ratio(speed.get('cache'), speed.get('hf'), 19)}  {', '.join(same)}")
     return 0
 
 
