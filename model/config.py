@@ -33,7 +33,7 @@ class GPTConfig:
     pos_encoding: str = "learned"  # "learned" (GPT-2's wpe table) or "sinusoidal" (fixed, Vaswani et al.)
     attention: str = "sdpa"  # "sdpa" (fused kernel) or "manual" (q@kᵀ, masked softmax, att@v as separate ops)
     # MLP activation: "gelu_tanh" (GPT-2's tanh approximation, needed to reproduce its logits) or "gelu"
-    # (exact erf form, nanoGPT's; about twice as fast as the tanh form on CPU, see docs/perf.md)
+    # (exact erf form, nanoGPT's; about twice as fast as the tanh form on CPU, see the README, "Training speed")
     activation: str = "gelu_tanh"
 
     def __post_init__(self) -> None:
@@ -74,7 +74,7 @@ class TrainConfig:
     warmup_iters: int = 100  # linear warmup steps from 0 to lr
     lr_decay_iters: int = 0  # step where the decay reaches min_lr; 0 means max_iters
     # shape of the decay after warmup: "cosine" (nanoGPT's) or "linear" (straight line to min_lr, which
-    # spends more steps at high lr and ends lower on short runs; see docs/perf.md for the measurement)
+    # spends more steps at high lr and ends lower on short runs; see the README, "Training speed")
     lr_schedule: str = "cosine"
     weight_decay: float = 0.1
     beta1: float = 0.9
