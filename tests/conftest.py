@@ -16,3 +16,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+TINY_TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+             "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 40
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """A small char-level dataset folder prepared by the real pipeline (shared by training tests)."""
+    from model.data import prepare
+    d = tmp_path_factory.mktemp("ds")
+    src = d / "corpus.txt"
+    src.write_text(TINY_TEXT)
+    return prepare("file", "char", d / "tiny_char", input_path=src, quiet=True)

@@ -9,19 +9,9 @@ import torch
 
 import train as train_mod
 from model import GPT, GPTConfig, TrainConfig
-from model.data import Batches, prepare
+from model.data import Batches
 
 pytestmark = pytest.mark.gpu
-TEXT = ("The quality of mercy is not strained; it droppeth as the gentle rain from heaven upon the place "
-        "beneath. ") * 60
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gpu_ds")
-    src = d / "corpus.txt"
-    src.write_text(TEXT)
-    return prepare("file", "char", d / "mercy_char", input_path=src, quiet=True)
 
 
 def small(vocab=67, **kw):

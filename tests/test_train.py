@@ -15,19 +15,9 @@ import torch
 import train as train_mod
 from model import GPT, GPTConfig, TrainConfig
 from model.checkpoint import load_checkpoint, load_model, save_checkpoint
-from model.data import prepare
+
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
-        "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 40
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ds")
-    src = d / "corpus.txt"
-    src.write_text(TEXT)
-    return prepare("file", "char", d / "tiny_char", input_path=src, quiet=True)
 
 
 def cfgs(dataset, out_dir, **train_kw):
