@@ -246,6 +246,7 @@ FVCORE_RULES: dict[str, Rule] = {
     "aten::embedding": Rule(_zero, "a gather (memory read): 0"),
     "aten::dropout": Rule(_dropout, "identity in eval or at p=0: 0; else 1 per element"),
     "aten::masked_fill": Rule(_zero, "a select by mask, no arithmetic: 0"),
+    "aten::masked_fill_": Rule(_zero, "a select by mask, no arithmetic: 0"),
     "aten::bitwise_not": Rule(_zero, "building the boolean mask: 0"),
     "aten::tril": Rule(_zero, "building the boolean mask: 0"),
     "aten::ones": Rule(_zero, "building the boolean mask: 0"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -73,6 +74,48 @@ class KVCache:
         self.pos = 0
 
 
+class Dropout(nn.Module):
+    """nn.Dropout with a faster mask on CPU.
+
+    On CPU, torch draws dropout masks one element at a time from a single Mersenne Twister (about 11 ns per
+    element on the 2-core machines in BENCHMARKS.md): with attention dropout on (B, nh, T, T) weights that was
+    a sixth of nanoGPT's shakespeare_char step. Here the keep mask comes from numpy's PCG64 in bulk (about
+    2 ns per element), seeded by one draw from torch's default generator, so torch.manual_seed and the RNG
+    state saved in checkpoints still fix every mask. Same distribution: keep x / (1 - p) where u >= p, u
+    uniform on [0, 1) with float32's 24-bit resolution (torch.rand's). Elsewhere (CUDA, meta) it is
+    F.dropout, whose fused GPU kernel is already fast.
+    """
+
+    CHUNK = 1 << 20  # uniforms drawn per numpy call: a 4 MB buffer reused, not one as large as x
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self._u = None  # the reused float32 buffer for the uniforms (not state: it is refilled every call)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        rng = np.random.Generator(np.random.PCG64(seed))
+        n = x.numel()
+        if self._u is None:
+            self._u = np.empty(self.CHUNK, dtype=np.float32)
+        u = torch.from_numpy(self._u)  # shares memory with the numpy buffer
+        keep = torch.empty(n, dtype=torch.bool)  # (n,): all that backward keeps
+        for start in range(0, n, self.CHUNK):
+            m = min(self.CHUNK, n - start)
+            rng.random(out=self._u[:m], dtype=np.float32)
+            torch.ge(u[:m], self.p, out=keep[start:start + m])
+        # where's backward needs only the mask, so the scaling can run in place on its output
+        return torch.where(keep.view(x.shape), x, 0.0).mul_(1.0 / (1.0 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -82,8 +125,8 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v for all heads
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = Dropout(config.dropout)
+        self.resid_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.size()
@@ -98,7 +141,10 @@ class CausalSelfAttention(nn.Module):
         past = S - T  # query i sits at absolute position past + i and sees keys 0..past+i
         # a mask is needed only when new queries follow cached keys; T == 1 sees everything
         mask = None if (past == 0 or T == 1) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(past)
-        if self.attention == "sdpa":
+        # with attention dropout in training, CPU SDPA has no fused kernel and runs its math fallback (torch's
+        # serial dropout mask plus extra masking passes): the explicit path below computes the same, faster
+        dropout_on_cpu = self.training and self.dropout > 0.0 and x.device.type == "cpu"
+        if self.attention == "sdpa" and not dropout_on_cpu:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                 is_causal=bool(past == 0 and T > 1),  # a Python bool even under a JIT trace (fvcore)
@@ -108,7 +154,7 @@ class CausalSelfAttention(nn.Module):
             if T > 1:
                 if mask is None:
                     mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(past)
-                att = att.masked_fill(~mask, float("-inf"))
+                att = att.masked_fill_(~mask, float("-inf"))  # in place: the scaling's backward needs no output
             att = F.softmax(att, dim=-1)
             att = self.attn_dropout(att)
             y = att @ v  # (B, nh, T, hs)
@@ -123,7 +169,7 @@ class MLP(nn.Module):
         # tanh form: GPT-2's, so its weights give its logits; exact erf form: nanoGPT's, faster on CPU
         self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.gelu(self.c_fc(x))  # (B, T, 4C)
@@ -152,7 +198,7 @@ class GPT(nn.Module):
         self.config = config
         modules = dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
+            drop=Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         )

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from model.gpt import sinusoidal_table
+from model.gpt import Dropout, sinusoidal_table
 
 TINY = dict(vocab_size=67, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
@@ -75,6 +75,52 @@ def test_dropout_differs_between_train_and_eval():
     assert not torch.equal(m(idx)[0], m(idx)[0])
     m.eval()
     assert torch.equal(m(idx)[0], m(idx)[0])
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5, 0.9])
+def test_cpu_dropout_keeps_1_minus_p_and_scales_like_nn_dropout(p):
+    """The bulk CPU mask has nn.Dropout's distribution: keep with probability 1-p, kept values x/(1-p)."""
+    x = torch.randn(400, 500)
+    torch.manual_seed(1)
+    y = Dropout(p).train()(x)
+    kept = y != 0
+    n = x.numel()
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n)  # 5 sigma
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p))
+    # rows and columns are not correlated: every row keeps about 1-p of its elements (5 sigma)
+    assert (kept.float().mean(1) - (1 - p)).abs().max() < 5 * math.sqrt(p * (1 - p) / 500)
+    assert (kept.float().mean(0) - (1 - p)).abs().max() < 5 * math.sqrt(p * (1 - p) / 400)
+
+
+def test_cpu_dropout_is_seeded_by_torch_and_backprops_through_the_mask():
+    d = Dropout(0.3).train()
+    x = torch.randn(64, 64, requires_grad=True)
+    torch.manual_seed(7)
+    y1 = d(x)
+    torch.manual_seed(7)
+    y2 = d(x)
+    assert torch.equal(y1, y2)  # torch.manual_seed fixes the mask
+    assert not torch.equal(d(x), y1)  # the next call draws a new one
+    y1.backward(torch.ones_like(y1))
+    assert torch.equal(x.grad, (y1 != 0).float() / 0.7)
+    assert d.eval()(x) is x and Dropout(0.0).train()(x) is x
+
+
+def test_sdpa_and_manual_train_identically_with_dropout_on_cpu():
+    """In training with dropout, CPU 'sdpa' takes the explicit path (SDPA has no fused CPU kernel for
+    dropout): under one seed both attention settings give the same loss and gradients."""
+    a = make(attention="manual", dropout=0.2).train()
+    b = make(attention="sdpa", dropout=0.2).train()
+    idx = torch.randint(0, 67, (2, 16))
+    torch.manual_seed(3)
+    la = a(idx, idx)[1]
+    torch.manual_seed(3)
+    lb = b(idx, idx)[1]
+    assert torch.equal(la, lb)
+    la.backward()
+    lb.backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa.grad, pb.grad), name
 
 
 def test_sinusoidal_matches_formula():
