@@ -234,6 +234,9 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
                          f"it or --overwrite to start afresh")
 
     torch.manual_seed(cfg.seed)
+    if device.type == "cpu":
+        from model.runtime import cpu_process_settings
+        cpu_process_settings()  # keep freed activations for reuse (glibc); see model/runtime.py
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True

@@ -9,7 +9,9 @@ The baseline re-implements nanoGPT's per-iteration work (not its code): its mode
 into q, k, v; exact-erf GELU; bias-free LayerNorm/Linear; SDPA attention), its get_batch (np.memmap opened on
 every call, one torch.stack per x and y of per-row slices), plain AdamW (nanoGPT fuses it only on CUDA) and
 its loop (next batch fetched between forward and backward, clip, step, loss.item() every step as with
---log_interval=1). Variants are timed in alternating repeats after warm-up steps; each row reports the median
+--log_interval=1). Each variant runs in its own process, with the process settings of the program it stands
+for: flopgpt's workers apply train.py's (model/runtime.py, glibc's allocator keeping freed memory), the baseline's
+none. Variants are timed in alternating repeats after warm-up steps; each row reports the median
 step time, tokens/s, model FLOP/s (exact FLOPs from model.flops.train_step_flops, 2 per multiply-add) and MFU
 against the peak from model.peaks (on CPU a calibrated large fp32 matmul), and its speed relative to the
 baseline measured in the same run. The machine may be shared: compare ratios, not absolute numbers.
@@ -245,19 +247,58 @@ def parse_args(argv: list[str]) -> dict:
     return opts
 
 
-def variants_for(recipe: str, opts: dict, device) -> list[tuple[str, type, str, bool]]:
-    """(label, runner class, attention, compile) in timing order; the first is the baseline."""
-    rows = [("nanoGPT-style", NanoGPTRunner, "sdpa", False),
-            ("flopgpt sdpa", FlopgptRunner, "sdpa", False),
-            ("flopgpt manual", FlopgptRunner, "manual", False)]
+def variants_for(recipe: str, opts: dict, device) -> list[tuple[str, str, str, bool]]:
+    """(label, runner, attention, compile) in timing order; the first is the baseline."""
+    rows = [("nanoGPT-style", "nanogpt", "sdpa", False),
+            ("flopgpt sdpa", "flopgpt", "sdpa", False),
+            ("flopgpt manual", "flopgpt", "manual", False)]
     if opts["compile"] and not opts["quick"]:
-        rows += [("nanoGPT-style compile", NanoGPTRunner, "sdpa", True),
-                 ("flopgpt sdpa compile", FlopgptRunner, "sdpa", True)]
+        rows += [("nanoGPT-style compile", "nanogpt", "sdpa", True),
+                 ("flopgpt sdpa compile", "flopgpt", "sdpa", True)]
     return rows
 
 
-def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dtype: str, peak: float,
-                 log=print) -> list[dict]:
+def _worker(conn, runner: str, cfg_fields: dict, batch_size: int, dataset: str, device: str, dtype: str,
+            compile_: bool, warmup: int, threads: int) -> None:
+    """One variant in its own process: build, warm up, then time `n` steps per request until told to stop.
+
+    A process per variant lets each keep its own process settings, as the real programs would: flopgpt's
+    runs train.py's (model.runtime.cpu_process_settings); the nanoGPT-style baseline runs none.
+    """
+    try:
+        import torch
+        from model import GPTConfig
+        if threads:
+            torch.set_num_threads(threads)
+        dev = torch.device(device)
+        if runner == "flopgpt" and dev.type == "cpu":
+            from model.runtime import cpu_process_settings
+            cpu_process_settings()
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        t0 = time.perf_counter()
+        cls = NanoGPTRunner if runner == "nanogpt" else FlopgptRunner
+        run = cls(GPTConfig(**cfg_fields), batch_size, Path(dataset), dev, dtype, compile_)
+        for _ in range(warmup):  # allocation, autotuning, compilation
+            run.step()
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        conn.send(("ready", time.perf_counter() - t0))
+        while (n := conn.recv()) is not None:
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                run.step()  # ends in loss.item(): the step is complete when it returns
+                sync()
+                times.append(time.perf_counter() - t)
+            conn.send(("times", times))
+    except Exception as e:  # reported by the parent as one line
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dtype: str, peak: float) -> list[dict]:
+    import multiprocessing as mp
+    from dataclasses import asdict
     from model import GPTConfig
     from model.flops import train_step_flops
     shape, batch_size = RECIPES[recipe]
@@ -266,23 +307,32 @@ def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dty
     repeats = opts["repeats"] or (3 if quick or big else 5)
     steps = opts["steps"] or (2 if big else 10)
     warmup = opts["warmup"] if opts["warmup"] is not None else (1 if big else 3)
+    ctx = mp.get_context("spawn")
     rows = []
-    for label, runner_cls, attention, compile_ in variants_for(recipe, opts, device):
-        cfg = GPTConfig(vocab_size=vocab, attention=attention, **shape)
-        t0 = time.perf_counter()
-        runner = runner_cls(cfg, batch_size, dataset, device, dtype, compile_)
-        for _ in range(warmup):  # allocation, autotuning, compilation
-            runner.step()
-        rows.append({"label": label, "runner": runner, "cfg": cfg, "times": [],
-                     "setup_s": time.perf_counter() - t0})
-    sync = (lambda: __import__("torch").cuda.synchronize()) if device.type == "cuda" else (lambda: None)
-    for rep in range(repeats):
-        for row in rows:  # alternate, so slow phases of a shared machine hit every variant alike
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                row["runner"].step()  # ends in loss.item(): the step is complete when it returns
-                sync()
-                row["times"].append(time.perf_counter() - t0)
+    try:
+        for label, runner, attention, compile_ in variants_for(recipe, opts, device):
+            cfg = GPTConfig(vocab_size=vocab, attention=attention, **shape)
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=_worker, daemon=True,
+                               args=(there, runner, asdict(cfg), batch_size, str(dataset), str(device), dtype,
+                                     compile_, warmup, opts["threads"]))
+            proc.start()
+            row = {"label": label, "cfg": cfg, "conn": here, "proc": proc, "times": []}
+            rows.append(row)
+            row["setup_s"] = _receive(row, "ready")  # one setup at a time: they would compete for the cores
+        for _ in range(repeats):
+            for row in rows:  # alternate, so slow phases of a shared machine hit every variant alike
+                row["conn"].send(steps)
+                row["times"] += _receive(row, "times")
+    finally:
+        for row in rows:
+            try:
+                row["conn"].send(None)
+            except (BrokenPipeError, OSError):
+                pass
+            row["proc"].join(timeout=30)
+            if row["proc"].is_alive():
+                row["proc"].kill()
     base = median(rows[0]["times"])
     tokens = batch_size * shape["block_size"]
     out = []
@@ -292,8 +342,18 @@ def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dty
         out.append({"recipe": recipe, "variant": row["label"], "ms": dt * 1e3, "tokens_per_s": tokens / dt,
                     "flops_per_s": flops / dt, "mfu": flops / dt / peak, "speedup": base / dt,
                     "steps_timed": len(row["times"]), "setup_s": row["setup_s"]})
-        del row["runner"]
     return out
+
+
+def _receive(row: dict, kind: str):
+    try:
+        what, value = row["conn"].recv()
+    except EOFError:
+        raise RuntimeError(f"{row['label']}: worker process died (exit code {row['proc'].exitcode})") from None
+    if what == "error":
+        raise RuntimeError(f"{row['label']}: {value}")
+    assert what == kind, (what, kind)
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -334,7 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         shape, bs = RECIPES[recipe]
         print(f"\nrecipe ({recipe}): {shape['n_layer']} layers x {shape['n_head']} heads x {shape['n_embd']} wide, "
               f"block {shape['block_size']}, batch {bs}, dropout {shape['dropout']}", flush=True)
-        rows = bench_recipe(recipe, opts, dataset, meta["vocab_size"], device, dtype, peak)
+        try:
+            rows = bench_recipe(recipe, opts, dataset, meta["vocab_size"], device, dtype, peak)
+        except RuntimeError as e:
+            print(f"train_speed.py: error: {e}", file=sys.stderr)
+            return 1
         print(f"{'variant':24s} {'ms/step':>9s} {'tokens/s':>10s} {'GFLOP/s':>9s} {'MFU':>7s} {'vs nanoGPT':>10s}")
         for r in rows:
             print(f"{r['variant']:24s} {r['ms']:9.2f} {r['tokens_per_s']:10,.0f} {r['flops_per_s'] / 1e9:9.2f} "
