@@ -81,19 +81,24 @@ def _matmul_seconds(a, b, repeats: int) -> float:
     return best
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_peak(n: int = 1024, repeats: int = 5) -> tuple[float, str]:
-    """Calibrated CPU fp32 peak: the best of `repeats` timed (n, n) @ (n, n) matmuls after one warm-up
-    (2·n³ FLOPs each; about 0.1-0.5 s in all). Cached for the process: the first call measures."""
+def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
+    """One CPU fp32 calibration, uncached: the best of `repeats` timed (n, n) @ (n, n) matmuls after one
+    warm-up (2·n³ FLOPs each; about 0.1-0.5 s in all), in FLOP/s. Other work on the machine makes it read low;
+    train.py measures again at evaluations and keeps the highest reading."""
     import torch
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g)  # (n, n)
     b = torch.randn(n, n, generator=g)  # (n, n)
     torch.mm(a, b)  # warm-up: thread pool, caches
-    seconds = _matmul_seconds(a, b, repeats)
-    flops = 2 * n ** 3 / seconds
-    return flops, (f"CPU fp32, calibrated: best of {repeats} {n}x{n} matmuls on {torch.get_num_threads()} "
-                   f"threads")
+    return 2 * n ** 3 / _matmul_seconds(a, b, repeats)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_peak(n: int = 1024, repeats: int = 5) -> tuple[float, str]:
+    """measure_cpu_peak, cached for the process (the first call measures), with a description."""
+    import torch
+    return measure_cpu_peak(n, repeats), (f"CPU fp32, calibrated: best of {repeats} {n}x{n} matmuls on "
+                                          f"{torch.get_num_threads()} threads")
 
 
 def peak_flops(device, override: float = 0.0) -> tuple[float, str]:

@@ -40,7 +40,7 @@ def write_run(root: Path) -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    state = {"format": FORMAT, "step": 60, "best_val_loss": float(loss), "model": model.state_dict(),
+    state = {"format": FORMAT, "step": 60, "best_val_loss": loss.item(), "model": model.state_dict(),
              "model_config": to_dict(model.config), "meta": meta, "dataset": str(dataset)}
     for name in ("best.pt", "last.pt"):
         save_checkpoint(state, root / "out" / "default" / name)
