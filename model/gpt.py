@@ -82,8 +82,8 @@ class Dropout(nn.Module):
     a sixth of nanoGPT's shakespeare_char step. Here the keep mask comes from numpy's PCG64 in bulk (about
     2 ns per element), seeded by one draw from torch's default generator, so torch.manual_seed and the RNG
     state saved in checkpoints still fix every mask. Same distribution: keep x / (1 - p) where u >= p, u
-    uniform on [0, 1) with float32's 24-bit resolution (torch.rand's). Elsewhere (CUDA, meta) it is
-    F.dropout, whose fused GPU kernel is already fast.
+    uniform on [0, 1) with float32's 24-bit resolution (torch.rand's). Elsewhere (CUDA, meta, and under
+    torch.compile, where numpy would break the graph) it is F.dropout.
     """
 
     CHUNK = 1 << 20  # uniforms drawn per numpy call: a 4 MB buffer reused, not one as large as x
@@ -96,7 +96,7 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.compiler.is_compiling():  # compiled: Inductor fuses its own mask
             return F.dropout(x, self.p, training=True)
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         rng = np.random.Generator(np.random.PCG64(seed))
@@ -143,7 +143,8 @@ class CausalSelfAttention(nn.Module):
         mask = None if (past == 0 or T == 1) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(past)
         # with attention dropout in training, CPU SDPA has no fused kernel and runs its math fallback (torch's
         # serial dropout mask plus extra masking passes): the explicit path below computes the same, faster
-        dropout_on_cpu = self.training and self.dropout > 0.0 and x.device.type == "cpu"
+        dropout_on_cpu = (self.training and self.dropout > 0.0 and x.device.type == "cpu"
+                          and not torch.compiler.is_compiling())
         if self.attention == "sdpa" and not dropout_on_cpu:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,

@@ -123,6 +123,15 @@ def test_sdpa_and_manual_train_identically_with_dropout_on_cpu():
         assert torch.equal(pa.grad, pb.grad), name
 
 
+def test_training_with_dropout_compiles_without_graph_breaks():
+    """Under torch.compile the numpy mask would split the graph at every dropout; F.dropout is used there."""
+    m = make(dropout=0.2).train()
+    idx = torch.randint(0, 67, (2, 16))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(m)(idx, idx)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 def test_sinusoidal_matches_formula():
     d = 10
     table = sinusoidal_table(7, d)
