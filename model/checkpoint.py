@@ -7,6 +7,7 @@ with `torch.load(weights_only=True)`:
 """
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import random
@@ -32,7 +33,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temp_files(path)
+    # the writer's pid in the name lets a later save tell a dead writer's leftover from a live writer's file
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -48,6 +51,36 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def remove_stale_temp_files(path: str | Path) -> list[Path]:
+    """Delete temp files that a killed save of `path` left behind (a writer killed with SIGKILL cannot clean
+    up). Only files whose writer process no longer exists go; returns what was deleted."""
+    path = Path(path)
+    gone = []
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\..*\.tmp$")
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        m = pattern.match(tmp.name)
+        if m is None or _process_exists(int(m.group(1))):
+            continue
+        try:
+            tmp.unlink()
+            gone.append(tmp)
+        except FileNotFoundError:  # another process removed it first
+            pass
+    return gone
+
+
+def _process_exists(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: existence and permission check only
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (someone else's), or cannot tell: keep the file
+    return True
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

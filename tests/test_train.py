@@ -198,6 +198,21 @@ def test_kill_9_while_saving_leaves_a_loadable_checkpoint(tmp_path):
         proc.wait()
         ckpt = load_checkpoint(path)
         assert torch.equal(ckpt["model"]["w"], torch.arange(4_000_000, dtype=torch.float32) + ckpt["step"])
+    # the killed writers' temp files are gone after the next save
+    save_checkpoint({"model": {"w": torch.zeros(1)}, "step": 99}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_save_removes_only_temp_files_of_dead_writers(tmp_path):
+    path = tmp_path / "best.pt"
+    dead = tmp_path / f".best.pt.{2**22 + 7}.x1y2.tmp"  # above Linux's pid_max: no such process
+    live = tmp_path / f".best.pt.{os.getppid()}.a9b8.tmp"  # the test runner's parent: alive
+    other = tmp_path / f".last.pt.{2**22 + 7}.q.tmp"  # another checkpoint's: not ours to touch
+    for p in (dead, live, other):
+        p.write_bytes(b"partial")
+    save_checkpoint({"model": {}, "step": 1}, path)
+    assert not dead.exists() and live.exists() and other.exists()
+    assert load_checkpoint(path)["step"] == 1
 
 
 @pytest.mark.slow
