@@ -86,7 +86,7 @@ class Dropout(nn.Module):
     torch.compile, where numpy would break the graph) it is F.dropout.
     """
 
-    CHUNK = 1 << 20  # uniforms drawn per numpy call: a 4 MB buffer reused, not one as large as x
+    CHUNK = 1 << 20  # uniforms drawn per numpy call: a buffer of at most 4 MB reused, not one as large as x
 
     def __init__(self, p: float):
         super().__init__()
@@ -101,8 +101,8 @@ class Dropout(nn.Module):
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         rng = np.random.Generator(np.random.PCG64(seed))
         n = x.numel()
-        if self._u is None:
-            self._u = np.empty(self.CHUNK, dtype=np.float32)
+        if self._u is None or self._u.size < min(n, self.CHUNK):  # grows to the largest chunk seen
+            self._u = np.empty(min(n, self.CHUNK), dtype=np.float32)
         u = torch.from_numpy(self._u)  # shares memory with the numpy buffer
         keep = torch.empty(n, dtype=torch.bool)  # (n,): all that backward keeps
         for start in range(0, n, self.CHUNK):
