@@ -13,7 +13,9 @@ import train as train_mod
 from model import GPT, GPTConfig, TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import profile_step  # noqa: E402
 import tilt  # noqa: E402
+import train_speed  # noqa: E402
 
 
 def small(**kw):
@@ -87,6 +89,19 @@ def test_tilt_cli_errors_are_one_line(capsys):
     assert "no/such.toml" in err[2]
 
 
+def test_bench_cli_errors_are_one_line(capsys):
+    assert profile_step.main(["--recipe=c"]) == 2
+    assert profile_step.main(["--steps=0"]) == 2
+    assert profile_step.main(["--dataset=/no/such/ds", "--which=flopgpt"]) == 2
+    assert train_speed.main(["--recipes=z"]) == 2
+    assert train_speed.main(["--warmup=-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 5
+    assert all(line.startswith("profile_step.py: error:") for line in err[:3])
+    assert all(line.startswith("train_speed.py: error:") for line in err[3:])
+    assert "/no/such/ds" in err[2] and "'z'" in err[3]
+
+
 def test_exact_gelu_flops_match_the_fvcore_measurement():
     from model import flops
     from model.counters import fvcore_count
@@ -127,3 +142,17 @@ def test_cpu_process_settings_reuse_freed_memory_instead_of_faulting_it_in_again
     assert runs["on"][0] is True
     assert runs["off"][1] > 20_000  # 100 MB / 4 KiB pages = 24,414
     assert runs["on"][1] < 100
+
+
+def test_profile_step_reports_every_matmul_shape_and_the_overhead(dataset):
+    """Recipe (a)'s step has 51 matmuls in 12 shapes (4 layers x 4 linears x fwd/bwd + the tied head)."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "bench/profile_step.py", "--which=flopgpt", "--steps=1", "--warmup=1",
+                          f"--dataset={dataset}"], capture_output=True, text=True, cwd=root, timeout=300, check=True)
+    lines = out.stdout.splitlines()
+    table = lines[next(i for i, ln in enumerate(lines) if ln.startswith("matmul")) + 1:]
+    shapes = [ln for ln in table if ln.startswith("(")]
+    assert len(shapes) == 12 and sum(int(ln.split()[-1]) for ln in shapes) == 51
+    assert any("kernels both steps run alike" in ln for ln in lines)
+    assert any(ln.startswith("the same step at batch 1, block 1") for ln in lines)

@@ -1,0 +1,136 @@
+"""Where a training step's time goes: torch.profiler over the steps of bench/train_speed.py's runners.
+
+    python bench/profile_step.py                     # recipe (a), flopgpt's step then the nanoGPT-style step
+    python bench/profile_step.py --recipe=b --steps=2 --warmup=1 --which=flopgpt
+
+For each step (each in its own process, with its program's process settings, as in train_speed.py) it prints:
+the ops with the most self CPU time per step; every matmul shape with its time per call and GFLOP/s (2 per
+multiply-add); the share of the step spent in the kernels both steps run alike (mm, SDPA, GELU, LayerNorm);
+and the same step at batch 1 and block 1, which leaves almost only the per-step overhead (Python, dispatch,
+autograd, clipping, optimizer). Profiled times run a little above unprofiled ones; compare within one run.
+"""
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+USAGE = ("usage: python bench/profile_step.py [--recipe=a|b] [--which=both|flopgpt|nanogpt] [--steps=N] "
+         "[--warmup=N] [--threads=N] [--dataset=DIR]")
+SHARED = ("aten::mm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+          "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::gelu", "aten::gelu_backward",
+          "aten::native_layer_norm", "aten::native_layer_norm_backward")
+
+
+def parse_args(argv: list[str]) -> dict:
+    opts = {"recipe": "a", "which": "both", "steps": 20, "warmup": 10, "threads": 0, "dataset": None}
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        name = key.lstrip("-")
+        if not key.startswith("--") or not eq or name not in opts:
+            raise ValueError(f"unknown or malformed option {arg!r}; {USAGE}")
+        if name in ("steps", "warmup", "threads"):
+            try:
+                opts[name] = int(value)
+            except ValueError:
+                raise ValueError(f"--{name} expects an integer, got {value!r}") from None
+            if opts[name] < (1 if name == "steps" else 0):
+                raise ValueError(f"--{name} must be {'positive' if name == 'steps' else 'non-negative'}, got {value}")
+        elif name == "recipe" and value not in ("a", "b"):
+            raise ValueError(f"--recipe: expected a or b, got {value!r}")
+        elif name == "which" and value not in ("both", "flopgpt", "nanogpt"):
+            raise ValueError(f"--which: expected both, flopgpt or nanogpt, got {value!r}")
+        else:
+            opts[name] = value
+    return opts
+
+
+def profile_one(opts: dict, dataset: Path, vocab: int) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from model import GPTConfig
+    from train_speed import RECIPES, FlopgptRunner, NanoGPTRunner
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    flopgpt = opts["which"] == "flopgpt"
+    if flopgpt:
+        from model.runtime import cpu_process_settings
+        cpu_process_settings()
+    cls = FlopgptRunner if flopgpt else NanoGPTRunner
+    shape, batch = RECIPES[opts["recipe"]]
+    device = torch.device("cpu")
+    runner = cls(GPTConfig(vocab_size=vocab, attention="sdpa", **shape), batch, dataset, device, "float32", False)
+    for _ in range(opts["warmup"]):
+        runner.step()
+    n = opts["steps"]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            runner.step()
+        wall = (time.perf_counter() - t0) / n * 1e3
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / n / 1e3
+    print(f"\n== {'flopgpt' if flopgpt else 'nanoGPT-style'} step, recipe ({opts['recipe']}): {wall:.2f} ms/step "
+          f"under the profiler ({n} steps), {total:.2f} ms/step of self CPU time")
+    print(f"{'op':60s} {'ms/step':>8s} {'share':>7s} {'calls':>6s}")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]:
+        ms = e.self_cpu_time_total / n / 1e3
+        print(f"{e.key[:60]:60s} {ms:8.2f} {ms / total:7.1%} {e.count // n:6d}")
+    shared = sum(e.self_cpu_time_total for e in events if e.key in SHARED) / n / 1e3
+    print(f"kernels both steps run alike (mm, SDPA, GELU, LayerNorm): {shared:.2f} ms/step = {shared / total:.1%}")
+    print(f"\n{'matmul':34s} {'ms/step':>8s} {'us/call':>8s} {'GFLOP/s':>8s} {'calls':>6s}")
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key == "aten::mm" and len(e.input_shapes) >= 2 and len(e.input_shapes[0]) == 2:
+            (m, k), (_, cols) = e.input_shapes[0], e.input_shapes[1]
+            per_call = e.self_cpu_time_total / e.count
+            rows.append((e.self_cpu_time_total / n / 1e3, f"({m}x{k})@({k}x{cols})", per_call,
+                         2 * m * k * cols / per_call / 1e3, e.count // n))
+    for ms, name, per_call, gflops, calls in sorted(rows, reverse=True):
+        print(f"{name:34s} {ms:8.2f} {per_call:8.1f} {gflops:8.1f} {calls:6d}")
+    # the same step with one token: what is left is per-step overhead
+    tiny = {**shape, "block_size": 1}
+    small = cls(GPTConfig(vocab_size=vocab, attention="sdpa", **tiny), 1, dataset, device, "float32", False)
+    for _ in range(10):
+        small.step()
+    times = []
+    for _ in range(50):
+        t = time.perf_counter()
+        small.step()
+        times.append(time.perf_counter() - t)
+    print(f"\nthe same step at batch 1, block 1 (per-step overhead): {statistics.median(times) * 1e3:.2f} ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip() + "\n\n" + USAGE)
+        return 0
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        opts = parse_args(argv)
+        from model.data import ensure_dataset, load_meta
+        shakespeare = ROOT / "data" / "shakespeare_char"
+        dataset = ensure_dataset(opts["dataset"] or (shakespeare if (shakespeare / "meta.json").is_file()
+                                                     else "data/pydoc_char"))
+        vocab = load_meta(dataset)["vocab_size"]
+    except (ValueError, FileNotFoundError) as e:
+        print(f"profile_step.py: error: {e}", file=sys.stderr)
+        return 2
+    if opts["which"] == "both":  # one process each: process settings differ, as in train_speed.py
+        for which in ("flopgpt", "nanogpt"):
+            args = [f"--{k}={v}" for k, v in opts.items() if k not in ("which", "dataset") and v is not None]
+            code = subprocess.call([sys.executable, __file__, f"--which={which}", f"--dataset={dataset}", *args])
+            if code:
+                return code
+        return 0
+    profile_one(opts, Path(dataset), vocab)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
