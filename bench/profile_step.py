@@ -4,10 +4,12 @@
     python bench/profile_step.py --recipe=b --steps=2 --warmup=1 --which=flopgpt
 
 For each step (each in its own process, with its program's process settings, as in train_speed.py) it prints:
-the ops with the most self CPU time per step; every matmul shape with its time per call and GFLOP/s (2 per
-multiply-add); the share of the step spent in the kernels both steps run alike (mm, SDPA, GELU, LayerNorm);
-and the same step at batch 1 and block 1, which leaves almost only the per-step overhead (Python, dispatch,
-autograd, clipping, optimizer). Profiled times run a little above unprofiled ones; compare within one run.
+the ops with the most self CPU time per step (torch.profiler) and the share of the step spent in the kernels
+both steps run alike (mm, SDPA, GELU, LayerNorm); every matmul shape with its time per step and the GFLOP/s
+of its median call (2 per multiply-add), timed in further steps around each call rather than by the
+profiler, whose shape recording slowed some matmuls; and the same step at batch 1 and block 1, which leaves
+almost only the per-step overhead (Python, dispatch, autograd, clipping, optimizer). Profiled times run a
+little above unprofiled ones; compare within one run.
 """
 from __future__ import annotations
 
@@ -48,11 +50,36 @@ def parse_args(argv: list[str]) -> dict:
     return opts
 
 
+def _matmul_timer_class():
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulTimer(TorchDispatchMode):
+        """Wall time of every aten.mm call, keyed by (m, k, n); every other op passes through untimed."""
+
+        def __init__(self):
+            super().__init__()
+            self.calls: dict[tuple[int, int, int], list[float]] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is not torch.ops.aten.mm.default:
+                return func(*args, **(kwargs or {}))
+            start = time.perf_counter()
+            out = func(*args, **(kwargs or {}))
+            us = (time.perf_counter() - start) * 1e6
+            (m, k), cols = args[0].shape, args[1].shape[1]
+            self.calls.setdefault((m, k, cols), []).append(us)
+            return out
+
+    return MatmulTimer
+
+
 def profile_one(opts: dict, dataset: Path, vocab: int) -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
     from model import GPTConfig
     from train_speed import RECIPES, FlopgptRunner, NanoGPTRunner
+    MatmulTimer = _matmul_timer_class()
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
     flopgpt = opts["which"] == "flopgpt"
@@ -81,16 +108,20 @@ def profile_one(opts: dict, dataset: Path, vocab: int) -> None:
         print(f"{e.key[:60]:60s} {ms:8.2f} {ms / total:7.1%} {e.count // n:6d}")
     shared = sum(e.self_cpu_time_total for e in events if e.key in SHARED) / n / 1e3
     print(f"kernels both steps run alike (mm, SDPA, GELU, LayerNorm): {shared:.2f} ms/step = {shared / total:.1%}")
-    print(f"\n{'matmul':34s} {'ms/step':>8s} {'us/call':>8s} {'GFLOP/s':>8s} {'calls':>6s}")
-    rows = []
-    for e in prof.key_averages(group_by_input_shape=True):
-        if e.key == "aten::mm" and len(e.input_shapes) >= 2 and len(e.input_shapes[0]) == 2:
-            (m, k), (_, cols) = e.input_shapes[0], e.input_shapes[1]
-            per_call = e.self_cpu_time_total / e.count
-            rows.append((e.self_cpu_time_total / n / 1e3, f"({m}x{k})@({k}x{cols})", per_call,
-                         2 * m * k * cols / per_call / 1e3, e.count // n))
-    for ms, name, per_call, gflops, calls in sorted(rows, reverse=True):
-        print(f"{name:34s} {ms:8.2f} {per_call:8.1f} {gflops:8.1f} {calls:6d}")
+    # matmul shapes: timed in separate steps by a dispatch mode around each aten.mm call, not by the profiler,
+    # whose shape recording slowed some calls by half (c_fc forward: 690 us median unprofiled, 980 profiled)
+    timer = MatmulTimer()
+    with timer:
+        for _ in range(n):
+            runner.step()
+    print(f"\n{'matmul (timed alone, no profiler)':34s} {'ms/step':>8s} {'median us':>9s} {'GFLOP/s':>8s} {'calls':>6s}")
+    mm_total = 0.0
+    for (m, k, cols), us in sorted(timer.calls.items(), key=lambda kv: -sum(kv[1])):
+        mid = statistics.median(us)
+        mm_total += sum(us) / n / 1e3
+        print(f"{f'({m}x{k})@({k}x{cols})':34s} {sum(us) / n / 1e3:8.2f} {mid:9.1f} {2 * m * k * cols / mid / 1e3:8.1f} "
+              f"{len(us) // n:6d}")
+    print(f"{'all matmuls':34s} {mm_total:8.2f}")
     # the same step with one token: what is left is per-step overhead
     tiny = {**shape, "block_size": 1}
     small = cls(GPTConfig(vocab_size=vocab, attention="sdpa", **tiny), 1, dataset, device, "float32", False)
