@@ -145,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = parse_args(argv)
         from model.data import ensure_dataset, load_meta
-        shakespeare = ROOT / "data" / "shakespeare_char"
-        dataset = ensure_dataset(opts["dataset"] or (shakespeare if (shakespeare / "meta.json").is_file()
-                                                     else "data/pydoc_char"))
+        from train_speed import default_dataset
+        dataset = ensure_dataset(opts["dataset"] or default_dataset())
         vocab = load_meta(dataset)["vocab_size"]
     except (ValueError, FileNotFoundError) as e:
         print(f"profile_step.py: error: {e}", file=sys.stderr)

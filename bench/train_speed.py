@@ -209,6 +209,13 @@ class FlopgptRunner:
 
 # ----------------------------------------------------------------------------------------------------
 
+def default_dataset() -> Path:
+    """The recipes' corpus, tiny Shakespeare (char-level), when prepared; else the embedded default corpus
+    (prepared on first use)."""
+    shakespeare = ROOT / "data" / "shakespeare_char"
+    return shakespeare if (shakespeare / "meta.json").is_file() else ROOT / "data" / "pydoc_char"
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     n = len(s)
@@ -369,9 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         from model.peaks import peak_flops
         from train import resolve_device, resolve_dtype
         device = resolve_device(opts["device"])
-        shakespeare = ROOT / "data" / "shakespeare_char"
-        dataset = ensure_dataset(opts["dataset"] or (shakespeare if (shakespeare / "meta.json").is_file()
-                                                     else "data/pydoc_char"))
+        dataset = ensure_dataset(opts["dataset"] or default_dataset())
         meta = load_meta(dataset)
         if meta["dtype"] != "uint16":
             raise ValueError(f"{dataset}: the nanoGPT-style baseline reads uint16 tokens, this dataset is "
