@@ -79,7 +79,7 @@ class Dropout(nn.Module):
 
     On CPU, torch draws dropout masks one element at a time from a single Mersenne Twister (about 11 ns per
     element on the 2-core machines in BENCHMARKS.md): with attention dropout on (B, nh, T, T) weights that was
-    a sixth of nanoGPT's shakespeare_char step. Here the keep mask comes from numpy's PCG64 in bulk (about
+    a sixth of the shakespeare_char step (profiled on this model drawing masks as nanoGPT does). Here the keep mask comes from numpy's PCG64 in bulk (about
     2 ns per element), seeded by one draw from torch's default generator, so torch.manual_seed and the RNG
     state saved in checkpoints still fix every mask. Same distribution: keep x / (1 - p) where u >= p, u
     uniform on [0, 1) with float32's 24-bit resolution (torch.rand's). Elsewhere (CUDA, meta, and under
