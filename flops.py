@@ -135,7 +135,7 @@ def render(rep: dict, note: str) -> str:
               f"causal-only attention (lower triangle): forward {f['causal']:,} FLOPs "
               f"({f['causal'] / f['analytic']:.3f} of the dense count)",
               "",
-              f"training step (forward + backward; every matmul's backward = dX and dW, 2 x forward):",
+              "training step (forward + backward; every matmul's backward = dX and dW, 2 x forward):",
               f"  analytic {t['analytic']:,}   torch {t['torch']:,}   diff {abs(t['analytic'] - t['torch']):,}"
               f"   (causal-only {t['causal']:,})",
               "",

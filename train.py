@@ -188,11 +188,10 @@ def seconds_str(s: float) -> str:
 def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     """Run training; returns a summary dict. Raises ValueError/FileNotFoundError for bad setups and
     TrainingStopped when a signal or a non-finite loss ends it early (after saving what can be saved)."""
-    import numpy as np
     import torch
     from tqdm import tqdm
 
-    from model import GPT, GPTConfig
+    from model import GPT
     from model.checkpoint import (FORMAT, load_checkpoint, load_weights, rng_state, save_checkpoint,
                                   set_rng_state)
     from model.config import to_dict

@@ -7,6 +7,7 @@ error that lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from dataclasses import dataclass, fields
@@ -194,6 +195,21 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     for key, value in data.items():
         if isinstance(value, dict):
             raise ValueError(f"{path}: tables are not used, put {key!r}'s keys at the top level")
+    return data
+
+
+def read_json(path: str | Path, missing: str) -> dict[str, Any]:
+    """A JSON object from `path`; FileNotFoundError with `missing` when absent, ValueError naming the file when
+    it is not a valid JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(missing)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 

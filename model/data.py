@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import read_json
 from .tokenizer import (RANKS_FILE, TOKENIZERS, CharTokenizer, TiktokenTokenizer, Tokenizer, bpe_tokenizer,
                         gpt2_tokenizer, sha256_file)
 
@@ -31,12 +32,7 @@ DTYPES = ("uint16", "uint32")
 def load_meta(dataset_dir: str | Path) -> dict:
     """The dataset's meta.json (tokenizer description, vocab_size, dtype)."""
     path = Path(dataset_dir) / "meta.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset meta.json not found: {path} (run `python data/prepare.py`)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON: {e}") from None
+    meta = read_json(path, f"dataset meta.json not found: {path} (run `python data/prepare.py`)")
     for key in ("vocab_size", "dtype", "tokenizer"):
         if key not in meta:
             raise ValueError(f"{path}: missing key {key!r}")

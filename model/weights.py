@@ -6,12 +6,11 @@ Hugging Face GPT-2 stores its four matmul weights per block as Conv1D, shaped (i
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
-from .config import GPTConfig
+from .config import GPTConfig, read_json
 from .gpt import GPT
 
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -96,12 +95,7 @@ def load_hf_gpt2(folder: str | Path) -> GPT:
     """A GPT with the weights of a local Hugging Face GPT-2 folder (config.json + safetensors or .bin)."""
     folder = Path(folder)
     config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"Hugging Face folder has no config.json: {config_file}")
-    try:
-        hf = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_file}: not valid JSON: {e}") from None
+    hf = read_json(config_file, f"Hugging Face folder has no config.json: {config_file}")
     config = config_from_hf(hf, str(config_file))
     state, file = _read_hf_weights(folder)
     model = GPT(config)

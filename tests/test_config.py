@@ -144,3 +144,18 @@ def test_divisibility_rule(n_embd, n_head):
             GPTConfig(n_embd=n_embd, n_head=n_head)
     else:
         assert GPTConfig(n_embd=n_embd, n_head=n_head).head_dim * n_head == n_embd
+
+
+def test_read_json_errors_name_the_file(tmp_path):
+    from model.config import read_json
+    with pytest.raises(FileNotFoundError, match="no such meta"):
+        read_json(tmp_path / "absent.json", "no such meta")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
+        read_json(bad, "")
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="bad.json: expected a JSON object, got list"):
+        read_json(bad, "")
+    bad.write_text('{"a": 1}')
+    assert read_json(bad, "") == {"a": 1}

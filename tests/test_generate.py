@@ -1,7 +1,6 @@
 """generate(): KV-cached against uncached against a naive loop, past block_size too; eos; modes; transformers."""
 import pytest
 import torch
-from torch.nn import functional as F
 
 from model import GPT, GPTConfig
 
