@@ -149,30 +149,26 @@ def _tied_logits(gen, rows, vocab, levels):
 
 
 @pytest.mark.parametrize("kind", ["random", "tied"])
-def test_top_k_matches_transformers(kind):
+@pytest.mark.parametrize("name", ["top_k", "top_p"])
+def test_filters_match_transformers_warpers(name, kind):
+    """Same kept set and same kept values as TopKLogitsWarper / TopPLogitsWarper, ties included."""
     tf = pytest.importorskip("transformers")
-    gen = torch.Generator().manual_seed(11)
+    gen = torch.Generator().manual_seed(11 if name == "top_k" else 12)
     for trial in range(40):
-        V = 3 + trial
-        x = torch.randn(4, V, generator=gen) * 3 if kind == "random" else _tied_logits(gen, 4, V, 4)
-        for k in (1, 2, 3, V // 2 + 1, V, V + 5):
-            ref = tf.TopKLogitsWarper(top_k=k)(None, x.clone())
-            ours = top_k_filter(x, k)
-            assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (trial, k)
-            assert torch.equal(ours[torch.isfinite(ours)], ref[torch.isfinite(ref)])
-
-
-@pytest.mark.parametrize("kind", ["random", "tied"])
-def test_top_p_matches_transformers(kind):
-    tf = pytest.importorskip("transformers")
-    gen = torch.Generator().manual_seed(12)
-    for trial in range(40):
-        V = 2 + trial
-        x = torch.randn(4, V, generator=gen) * 2 if kind == "random" else _tied_logits(gen, 4, V, 3)
-        for p in (0.05, 0.3, 0.5, 0.75, 0.9, 0.99, 1.0):
-            ref = tf.TopPLogitsWarper(top_p=p)(None, x.clone())
-            ours = top_p_filter(x, p)
-            assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (trial, p)
+        if name == "top_k":
+            V, scale, levels = 3 + trial, 3, 4
+            settings = (1, 2, 3, V // 2 + 1, V, V + 5)
+            warper, ours_fn = (lambda k: tf.TopKLogitsWarper(top_k=k)), top_k_filter
+        else:
+            V, scale, levels = 2 + trial, 2, 3
+            settings = (0.05, 0.3, 0.5, 0.75, 0.9, 0.99, 1.0)
+            warper, ours_fn = (lambda p: tf.TopPLogitsWarper(top_p=p)), top_p_filter
+        x = torch.randn(4, V, generator=gen) * scale if kind == "random" else _tied_logits(gen, 4, V, levels)
+        for setting in settings:
+            ref = warper(setting)(None, x.clone())
+            ours = ours_fn(x, setting)
+            assert torch.equal(torch.isinf(ours), torch.isinf(ref)), (trial, setting)
+            assert torch.equal(ours[torch.isfinite(ours)], ref[torch.isfinite(ref)]), (trial, setting)
 
 
 def test_ngram_ban_matches_transformers():
