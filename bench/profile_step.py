@@ -136,11 +136,10 @@ def profile_one(opts: dict, dataset: Path, vocab: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip() + "\n\n" + USAGE)
+    from train_speed import cli_start  # bench/ is on sys.path: this script's own folder
+    argv = cli_start(argv, __doc__, USAGE)
+    if argv is None:
         return 0
-    sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         opts = parse_args(argv)

@@ -102,11 +102,10 @@ def first_reaching(curve: list[dict], target: float) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip() + "\n\n" + USAGE)
+    from train_speed import cli_start  # bench/ is on sys.path: this script's own folder
+    argv = cli_start(argv, __doc__, USAGE)
+    if argv is None:
         return 0
-    sys.path.insert(0, str(ROOT))
     try:
         opts = {a[2:].partition("=")[0]: a.partition("=")[2] for a in argv if a.startswith("--")}
         unknown = set(opts) - {"target", "eval-every", "json", "threads"}

@@ -365,12 +365,22 @@ def _receive(row: dict, kind: str):
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
+def cli_start(argv: list[str] | None, doc: str, usage: str) -> list[str] | None:
+    """Shared start of the bench CLIs: the arguments (sys.argv[1:] by default), or None once -h/--help has
+    printed `doc` and `usage`; puts the repository root on sys.path for the `model` and `train` imports."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip() + "\n\n" + USAGE)
+        print(doc.strip() + "\n\n" + usage)
+        return None
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = cli_start(argv, __doc__, USAGE)
+    if argv is None:
         return 0
-    sys.path.insert(0, str(ROOT))
     try:
         opts = parse_args(argv)
         import torch
