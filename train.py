@@ -187,7 +187,23 @@ def seconds_str(s: float) -> str:
 
 def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     """Run training; returns a summary dict. Raises ValueError/FileNotFoundError for bad setups and
-    TrainingStopped when a signal or a non-finite loss ends it early (after saving what can be saved)."""
+    TrainingStopped when a signal or a non-finite loss ends it early (after saving what can be saved).
+
+    Float32 matmuls run at cfg.matmul_precision for the run (on CUDA: those left outside autocast). torch keeps
+    that setting process-wide, so it is put back afterwards for callers in the same process.
+    """
+    import torch
+    from model.runtime import resolve_matmul_precision
+    previous = torch.get_float32_matmul_precision()
+    device_type = resolve_device(cfg.device).type
+    torch.set_float32_matmul_precision(resolve_matmul_precision(cfg.matmul_precision, device_type))
+    try:
+        return _train(model_cfg, cfg, stop_flag=stop_flag)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -199,6 +215,7 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     from model.flops import train_step_flops
     from model.peaks import measure_cpu_peak, mfu, peak_flops
     from model.planner import plan_run
+    from model.runtime import describe_matmul_precision
 
     stop_flag = stop_flag if stop_flag is not None else {}
     dist = Distributed()
@@ -238,8 +255,8 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
         from model.runtime import cpu_process_settings
         cpu_process_settings()  # keep freed activations for reuse (glibc); see model/runtime.py
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
+    precision = torch.get_float32_matmul_precision()  # set by train() for this run
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else nullcontext())
 
@@ -292,7 +309,8 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
         elif ckpt is None:
             metrics_path.write_text("")
         print(f"model: {raw_model.num_params():,} parameters ({raw_model.num_params(True):,} non-embedding); "
-              f"{dist.world} process(es) on {device}, {dtype}", file=sys.stderr)
+              f"{dist.world} process(es) on {device}, {dtype}; {describe_matmul_precision(precision, device.type)}",
+              file=sys.stderr)
     if dist.master and remaining > 0:
         plan = plan_run(model_cfg, remaining * tokens_per_step, T, peak_total)
         print(f"plan: {remaining} steps x {tokens_per_step:,} tokens = {plan['tokens']:,} tokens; exact training "

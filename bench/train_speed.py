@@ -15,6 +15,10 @@ none. Variants are timed in alternating repeats after warm-up steps; each row re
 step time, tokens/s, model FLOP/s (exact FLOPs from model.flops.train_step_flops, 2 per multiply-add) and MFU
 against the peak from model.peaks (on CPU a calibrated large fp32 matmul), and its speed relative to the
 baseline measured in the same run. The machine may be shared: compare ratios, not absolute numbers.
+
+On CPUs with bf16 matmul units (AMX, AVX512-BF16) two more rows run both steps with float32 matmul precision
+"medium" (bf16 inputs, fp32 accumulation; train.py's --matmul_precision=medium), their MFU against the bf16
+matmul peak calibrated the same way; --no-bf16-matmuls leaves them out.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 USAGE = ("usage: python bench/train_speed.py [--quick] [--recipes=a,b] [--repeats=N] [--steps=N] [--warmup=N] "
-         "[--threads=N] [--dataset=DIR] [--device=cpu|cuda] [--no-compile]")
+         "[--threads=N] [--dataset=DIR] [--device=cpu|cuda] [--no-compile] [--no-bf16-matmuls]")
 RECIPES = {  # name -> (model shape, batch size); vocab comes from the dataset
     "a": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False, activation="gelu"), 12),
     "b": (dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False, activation="gelu"), 64),
@@ -224,7 +228,7 @@ def median(xs: list[float]) -> float:
 
 def parse_args(argv: list[str]) -> dict:
     opts = {"quick": False, "recipes": None, "repeats": None, "steps": None, "warmup": None, "threads": 0,
-            "dataset": None, "device": "auto", "compile": True}
+            "dataset": None, "device": "auto", "compile": True, "bf16_matmuls": True}
     for arg in argv:
         key, eq, value = arg.partition("=")
         name = key.lstrip("-").replace("-", "_")
@@ -234,6 +238,8 @@ def parse_args(argv: list[str]) -> dict:
             opts["quick"] = True
         elif name == "no_compile" and not eq:
             opts["compile"] = False
+        elif name == "no_bf16_matmuls" and not eq:
+            opts["bf16_matmuls"] = False
         elif name in ("repeats", "steps", "warmup", "threads") and eq:
             try:
                 opts[name] = int(value)
@@ -254,21 +260,34 @@ def parse_args(argv: list[str]) -> dict:
     return opts
 
 
-def variants_for(recipe: str, opts: dict, device) -> list[tuple[str, str, str, bool]]:
-    """(label, runner, attention, compile) in timing order; the first is the baseline."""
-    rows = [("nanoGPT-style", "nanogpt", "sdpa", False),
-            ("flopgpt sdpa", "flopgpt", "sdpa", False),
-            ("flopgpt manual", "flopgpt", "manual", False)]
+def bf16_cpu_matmuls_available() -> bool:
+    """Whether matmul_precision="medium" sends fp32 matmuls to bf16 hardware here (AMX or AVX512-BF16)."""
+    import torch
+    return (torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()))
+
+
+def variants_for(recipe: str, opts: dict, device) -> list[tuple[str, str, str, bool, str]]:
+    """(label, runner, attention, compile, float32 matmul precision) in timing order; the first is the
+    baseline."""
+    rows = [("nanoGPT-style", "nanogpt", "sdpa", False, "highest"),
+            ("flopgpt sdpa", "flopgpt", "sdpa", False, "highest"),
+            ("flopgpt manual", "flopgpt", "manual", False, "highest")]
+    # bf16 matmul inputs (fp32 accumulation) on CPUs with bf16 units: flopgpt's matmul_precision="medium",
+    # and the same setting given to the nanoGPT-style step, whose SDPA then slows down (see gpt.py)
+    if device.type == "cpu" and opts["bf16_matmuls"] and bf16_cpu_matmuls_available():
+        rows += [("nanoGPT-style bf16-mm", "nanogpt", "sdpa", False, "medium"),
+                 ("flopgpt bf16-mm", "flopgpt", "sdpa", False, "medium")]
     # not for recipe (b) on CPU: each process there holds about 5.5 GB (five would not fit in 24 GB), and
     # compiling bought nothing on recipe (a)
     if opts["compile"] and not opts["quick"] and not (recipe == "b" and device.type == "cpu"):
-        rows += [("nanoGPT-style compile", "nanogpt", "sdpa", True),
-                 ("flopgpt sdpa compile", "flopgpt", "sdpa", True)]
+        rows += [("nanoGPT-style compile", "nanogpt", "sdpa", True, "highest"),
+                 ("flopgpt sdpa compile", "flopgpt", "sdpa", True, "highest")]
     return rows
 
 
 def _worker(conn, runner: str, cfg_fields: dict, batch_size: int, dataset: str, device: str, dtype: str,
-            compile_: bool, warmup: int, threads: int) -> None:
+            compile_: bool, warmup: int, threads: int, precision: str = "highest") -> None:
     """One variant in its own process: build, warm up, then time `n` steps per request until told to stop.
 
     A process per variant lets each keep its own process settings, as the real programs would: flopgpt's
@@ -284,8 +303,9 @@ def _worker(conn, runner: str, cfg_fields: dict, batch_size: int, dataset: str, 
             from model.runtime import cpu_process_settings
             cpu_process_settings()
         if dev.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+            precision = "high"  # TF32, as both programs set it on CUDA
+        torch.set_float32_matmul_precision(precision)
         t0 = time.perf_counter()
         cls = NanoGPTRunner if runner == "nanogpt" else FlopgptRunner
         run = cls(GPTConfig(**cfg_fields), batch_size, Path(dataset), dev, dtype, compile_)
@@ -305,7 +325,10 @@ def _worker(conn, runner: str, cfg_fields: dict, batch_size: int, dataset: str, 
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
-def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dtype: str, peak: float) -> list[dict]:
+def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dtype: str,
+                 peaks: dict[str, float]) -> list[dict]:
+    """Time every variant of `recipe`; `peaks` maps each float32 matmul precision to its peak FLOP/s (MFU of a
+    bf16-matmul row is against the bf16 matmul peak)."""
     import multiprocessing as mp
     from dataclasses import asdict
     from model import GPTConfig
@@ -319,14 +342,14 @@ def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dty
     ctx = mp.get_context("spawn")
     rows = []
     try:
-        for label, runner, attention, compile_ in variants_for(recipe, opts, device):
+        for label, runner, attention, compile_, precision in variants_for(recipe, opts, device):
             cfg = GPTConfig(vocab_size=vocab, attention=attention, **shape)
             here, there = ctx.Pipe()
             proc = ctx.Process(target=_worker, daemon=True,
                                args=(there, runner, asdict(cfg), batch_size, str(dataset), str(device), dtype,
-                                     compile_, warmup, opts["threads"]))
+                                     compile_, warmup, opts["threads"], precision))
             proc.start()
-            row = {"label": label, "cfg": cfg, "conn": here, "proc": proc, "times": []}
+            row = {"label": label, "cfg": cfg, "conn": here, "proc": proc, "times": [], "precision": precision}
             rows.append(row)
             row["setup_s"] = _receive(row, "ready")  # one setup at a time: they would compete for the cores
         for _ in range(repeats):
@@ -349,7 +372,7 @@ def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dty
         dt = median(row["times"])
         flops = train_step_flops(row["cfg"], batch_size, shape["block_size"])
         out.append({"recipe": recipe, "variant": row["label"], "ms": dt * 1e3, "tokens_per_s": tokens / dt,
-                    "flops_per_s": flops / dt, "mfu": flops / dt / peak, "speedup": base / dt,
+                    "flops_per_s": flops / dt, "mfu": flops / dt / peaks[row["precision"]], "speedup": base / dt,
                     "steps_timed": len(row["times"]), "setup_s": row["setup_s"]})
     return out
 
@@ -403,16 +426,24 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     dtype = resolve_dtype("auto", device)
     peak, peak_desc = peak_flops(device, 0.0)
+    peaks = {"highest": peak, "high": peak}
+    bf16_note = ""
+    if device.type == "cpu" and opts["bf16_matmuls"] and bf16_cpu_matmuls_available():
+        torch.set_float32_matmul_precision("medium")
+        peaks["medium"], _ = peak_flops(device, 0.0)  # calibrated again: the bf16 matmul peak
+        torch.set_float32_matmul_precision("highest")
+        bf16_note = f"; bf16-mm rows: matmul_precision=medium, bf16 matmul peak {peaks['medium'] / 1e9:,.1f} GFLOP/s"
     recipes = opts["recipes"] or (["a"] if opts["quick"] else ["a", "b"])
     print(f"device {device} ({torch.get_num_threads()} threads), {dtype}, torch {torch.__version__}; dataset "
-          f"{dataset} (vocab {meta['vocab_size']}); peak {peak / 1e9:,.1f} GFLOP/s ({peak_desc})", flush=True)
+          f"{dataset} (vocab {meta['vocab_size']}); peak {peak / 1e9:,.1f} GFLOP/s ({peak_desc}){bf16_note}",
+          flush=True)
     results = []
     for recipe in recipes:
         shape, bs = RECIPES[recipe]
         print(f"\nrecipe ({recipe}): {shape['n_layer']} layers x {shape['n_head']} heads x {shape['n_embd']} wide, "
               f"block {shape['block_size']}, batch {bs}, dropout {shape['dropout']}", flush=True)
         try:
-            rows = bench_recipe(recipe, opts, dataset, meta["vocab_size"], device, dtype, peak)
+            rows = bench_recipe(recipe, opts, dataset, meta["vocab_size"], device, dtype, peaks)
         except RuntimeError as e:
             print(f"train_speed.py: error: {e}", file=sys.stderr)
             return 1

@@ -116,6 +116,52 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+class CausalAttention(torch.autograd.Function):
+    """Causal self-attention over all T positions from the fused projection qkv (B, T, 3C) -> y (B, T, C),
+    with a hand-written backward: the CPU path where SDPA is slow (see CausalSelfAttention.forward).
+
+    Same math as the manual path, in fewer passes over memory: one copy puts q, k, v head-major, the 1/sqrt(hs)
+    scale and the causal mask ride in one baddbmm, and backward writes dq, dk, dv into one buffer that becomes
+    d(qkv) in one copy (autograd's split/transpose backward would add a cat and three copies).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+        B, T, C3 = qkv.shape
+        C, nh = C3 // 3, n_head
+        hs = C // nh
+        heads = qkv.view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4).reshape(3, B * nh, T, hs)  # (3, B*nh, T, hs)
+        q, k, v = heads.unbind(0)  # (B*nh, T, hs) each
+        causal = torch.full((T, T), float("-inf"), device=qkv.device, dtype=qkv.dtype).triu_(1)  # (T, T)
+        att = torch.baddbmm(causal, q, k.transpose(1, 2), alpha=1.0 / math.sqrt(hs))  # (B*nh, T, T)
+        att = torch.softmax(att, dim=-1)  # (B*nh, T, T)
+        y = torch.bmm(att, v)  # (B*nh, T, hs)
+        ctx.save_for_backward(q, k, v, att)
+        return y.view(B, nh, T, hs).transpose(1, 2).reshape(B, T, C)  # (B, T, C), heads side by side
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        q, k, v, att = ctx.saved_tensors
+        BH, T, hs = q.shape
+        B = dy.size(0)
+        nh = BH // B
+        scale = 1.0 / math.sqrt(hs)
+        dy = dy.reshape(B, T, nh, hs).transpose(1, 2).reshape(BH, T, hs)  # (B*nh, T, hs)
+        d = torch.empty(3, BH, T, hs, device=dy.device, dtype=dy.dtype)  # dq, dk, dv
+        torch.bmm(att.transpose(1, 2), dy, out=d[2])  # dv = attᵀ dy
+        datt = torch.bmm(dy, v.transpose(1, 2))  # (B*nh, T, T)
+        dscore = torch._softmax_backward_data(datt, att, -1, att.dtype)  # (B*nh, T, T)
+        torch.baddbmm(d[0], dscore, k, beta=0.0, alpha=scale, out=d[0])  # dq = scale · dscore k
+        torch.baddbmm(d[1], dscore.transpose(1, 2), q, beta=0.0, alpha=scale, out=d[1])  # dk = scale · dscoreᵀ q
+        return d.view(3, B, nh, T, hs).permute(1, 3, 0, 2, 4).reshape(B, T, 3 * nh * hs), None  # (B, T, 3C)
+
+
+@torch.compiler.assume_constant_result  # read once when torch.compile traces: a str would break the graph
+def _bf16_cpu_matmuls() -> bool:
+    """True under torch.set_float32_matmul_precision("medium"): fp32 matmuls on the CPU take bf16 inputs."""
+    return torch.get_float32_matmul_precision() == "medium"
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -131,7 +177,18 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
-        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each, from (B, T, 3C)
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        # two cases where CPU SDPA is slower than explicit attention, which computes the same: attention dropout
+        # in training (no fused kernel: a math fallback with torch's serial dropout mask and extra masking
+        # passes), and float32 matmul precision "medium" (its flash kernel's small block matmuls then take
+        # oneDNN's bf16 path: 10x slower on recipe (a)). See the README, "Training speed".
+        eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+        dropout_on = self.training and self.dropout > 0.0
+        slow_cpu_sdpa = x.device.type == "cpu" and ((dropout_on and eager_cpu) or _bf16_cpu_matmuls())
+        if self.attention == "sdpa" and slow_cpu_sdpa and eager_cpu and cache is None and not dropout_on:
+            y = CausalAttention.apply(qkv, nh)  # (B, T, C)
+            return self.resid_dropout(self.c_proj(y))
+        q, k, v = qkv.split(C, dim=2)  # (B, T, C) each
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -141,11 +198,7 @@ class CausalSelfAttention(nn.Module):
         past = S - T  # query i sits at absolute position past + i and sees keys 0..past+i
         # a mask is needed only when new queries follow cached keys; T == 1 sees everything
         mask = None if (past == 0 or T == 1) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(past)
-        # with attention dropout in training, CPU SDPA has no fused kernel and runs its math fallback (torch's
-        # serial dropout mask plus extra masking passes): the explicit path below computes the same, faster
-        dropout_on_cpu = (self.training and self.dropout > 0.0 and x.device.type == "cpu"
-                          and not torch.compiler.is_compiling())
-        if self.attention == "sdpa" and not dropout_on_cpu:
+        if self.attention == "sdpa" and not slow_cpu_sdpa:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                 is_causal=bool(past == 0 and T > 1),  # a Python bool even under a JIT trace (fvcore)

@@ -82,9 +82,9 @@ def _matmul_seconds(a, b, repeats: int) -> float:
 
 
 def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
-    """One CPU fp32 calibration, uncached: the best of `repeats` timed (n, n) @ (n, n) matmuls after one
-    warm-up (2·n³ FLOPs each; about 0.1-0.5 s in all), in FLOP/s. Other work on the machine makes it read low;
-    train.py measures again at evaluations and keeps the highest reading."""
+    """One CPU fp32 calibration at the current float32 matmul precision, uncached: the best of `repeats` timed
+    (n, n) @ (n, n) matmuls after one warm-up (2·n³ FLOPs each; about 0.1-0.5 s in all), in FLOP/s. Other work
+    on the machine makes it read low; train.py measures again at evaluations and keeps the highest reading."""
     import torch
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g)  # (n, n)
@@ -93,11 +93,19 @@ def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n ** 3 / _matmul_seconds(a, b, repeats)
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_peak(n: int = 1024, repeats: int = 5) -> tuple[float, str]:
-    """measure_cpu_peak, cached for the process (the first call measures), with a description."""
+    """measure_cpu_peak, cached for the process (the first call measures), with a description. The matmuls
+    run at the current torch.get_float32_matmul_precision(): under "medium" that is the bf16 peak (oneDNN, AMX
+    where present) which such a run's matmuls use, calibrated and cached separately."""
     import torch
-    return measure_cpu_peak(n, repeats), (f"CPU fp32, calibrated: best of {repeats} {n}x{n} matmuls on "
+    return _cpu_peak(torch.get_float32_matmul_precision(), n, repeats)
+
+
+@functools.lru_cache(maxsize=4)
+def _cpu_peak(precision: str, n: int, repeats: int) -> tuple[float, str]:
+    import torch
+    kind = "fp32" if precision != "medium" else "fp32 matmuls with bf16 inputs (precision 'medium')"
+    return measure_cpu_peak(n, repeats), (f"CPU {kind}, calibrated: best of {repeats} {n}x{n} matmuls on "
                                           f"{torch.get_num_threads()} threads")
 
 

@@ -1,6 +1,6 @@
-"""Process-wide settings for training on the CPU.
+"""Process-wide settings for training: glibc's allocator on the CPU, and the precision of float32 matmuls.
 
-One setting so far, for glibc's allocator. A training step allocates and frees the same large activations
+The allocator. A training step allocates and frees the same large activations
 every step. glibc serves every block above its mmap threshold (32 MB at most) with a fresh mmap and
 unmaps it on free, so each step pays the kernel's page faults and page zeroing again for every large tensor.
 At nanoGPT's shakespeare_char shape, (64, 6, 256, 256) attention weights are 100 MB each. Measured in
@@ -31,3 +31,31 @@ def cpu_process_settings() -> bool:
     mallopt.restype = ctypes.c_int
     # musl's mallopt is a stub that returns 0: report it as not applied
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+def resolve_matmul_precision(name: str, device_type: str) -> str:
+    """TrainConfig.matmul_precision -> a torch.set_float32_matmul_precision value. "auto" is "high" on CUDA
+    (TF32, as nanoGPT sets it) and "highest" on the CPU, where full fp32 keeps runs identical across CPUs."""
+    if name == "auto":
+        return "high" if device_type == "cuda" else "highest"
+    if name not in ("highest", "high", "medium"):
+        raise ValueError(f"matmul_precision must be auto, highest, high or medium, got {name!r}")
+    return name
+
+
+def describe_matmul_precision(precision: str, device_type: str) -> str:
+    """One phrase for the start-up line: what `precision` does to float32 matmuls on this device."""
+    if precision == "highest":
+        return "fp32 matmuls in full fp32"
+    if device_type == "cuda":
+        return f"fp32 matmuls at precision {precision!r} ({'TF32' if precision == 'high' else 'bf16 or TF32'})"
+    import torch
+    if precision == "medium":
+        # torch sends fp32 matmuls to oneDNN's bf16 kernels wherever its bf16 device check passes (AVX-512 or
+        # Arm bf16); only bf16 hardware (AMX, AVX512-BF16) makes them faster than fp32
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "fp32 matmuls in full fp32 (matmul_precision='medium' has no effect: no oneDNN bf16 on this CPU)"
+        unit = ("AMX" if torch.cpu._is_amx_tile_supported() else
+                "AVX512-BF16" if torch.cpu._is_avx512_bf16_supported() else "no bf16 unit: emulated, likely slower")
+        return f"fp32 matmuls with bf16 inputs and fp32 accumulation (oneDNN, {unit})"
+    return "fp32 matmuls at precision 'high' (TF32 only where oneDNN has it for this CPU)"

@@ -141,6 +141,7 @@ def run_cli(*args, timeout=120):
     (["missing.toml"], "config file not found: missing.toml"),
     (["--block_size=100000"], "fewer than block_size+1=100001"),
     (["--dataset=/nonexistent/ds"], "/nonexistent/ds"),
+    (["--matmul_precision=low"], "matmul_precision must be one of ('auto', 'highest', 'high', 'medium'), got 'low'"),
 ])
 def test_cli_errors_are_one_line_exit_2(args, match, dataset, tmp_path):
     extra = [] if any(a.startswith("--dataset") for a in args) else [f"--dataset={dataset}"]
