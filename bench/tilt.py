@@ -63,13 +63,25 @@ def parse_run(spec: str):
 
 
 def run_recipe(model_cfg, cfg, eval_every: int, log=print) -> dict:
-    """Train like train.py's single-process loop (no checkpoints); full-val loss every eval_every steps."""
+    """Train like train.py's single-process loop (no checkpoints), at the run's float32 matmul precision;
+    full-val loss every eval_every steps."""
+    import torch
+    if cfg.grad_accum != 1 or cfg.device not in ("cpu", "auto"):
+        raise ValueError("bench/tilt.py runs single-process CPU recipes with grad_accum=1")
+    from model.runtime import resolve_matmul_precision
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(resolve_matmul_precision(cfg.matmul_precision, "cpu"))
+    try:
+        return _run(model_cfg, cfg, eval_every, log)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _run(model_cfg, cfg, eval_every: int, log) -> dict:
     import torch
     from model import GPT
     from model.data import Batches, open_split
     from train import lr_at
-    if cfg.grad_accum != 1 or cfg.device not in ("cpu", "auto"):
-        raise ValueError("bench/tilt.py runs single-process CPU recipes with grad_accum=1")
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), "cpu")

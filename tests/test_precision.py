@@ -196,3 +196,11 @@ def test_bench_has_bf16_matmul_rows_only_where_they_run_on_bf16_hardware(monkeyp
                 if r[4] == "medium"]
     monkeypatch.setattr(train_speed, "bf16_cpu_matmuls_available", lambda: False)
     assert not [r for r in train_speed.variants_for("a", opts, cpu) if r[4] == "medium"]
+
+
+def test_bench_recipe_b_on_cpu_runs_at_most_three_processes(monkeypatch):
+    monkeypatch.setattr(train_speed, "bf16_cpu_matmuls_available", lambda: True)
+    rows = train_speed.variants_for("b", train_speed.parse_args([]), torch.device("cpu"))
+    assert [r[0] for r in rows] == ["nanoGPT-style", "flopgpt sdpa", "flopgpt bf16-mm"]
+    rows = train_speed.variants_for("b", train_speed.parse_args(["--no-bf16-matmuls"]), torch.device("cpu"))
+    assert [r[0] for r in rows] == ["nanoGPT-style", "flopgpt sdpa", "flopgpt manual"]
