@@ -19,8 +19,17 @@ def small(vocab=67, **kw):
 
 
 @pytest.mark.parametrize("compile", [False, True])
-def test_train_bf16_fused_adamw_on_cuda(dataset, tmp_path, compile):
-    """A few steps of train.py on CUDA: bf16 autocast, fused AdamW, (compiled); loss falls and stays finite."""
+def test_train_bf16_fused_adamw_on_cuda(dataset, tmp_path, compile, monkeypatch):
+    """A few steps of train.py on CUDA: bf16 autocast, fused AdamW, (compiled), TF32 for fp32 matmuls during
+    the run and the caller's setting after it; loss falls and stays finite."""
+    seen, real_train = {}, train_mod._train
+
+    def spy(*args, **kwargs):
+        seen["tf32"] = torch.backends.cuda.matmul.allow_tf32
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_train", spy)
+    before = torch.get_float32_matmul_precision()
     vocab = json.loads((Path(dataset) / "meta.json").read_text())["vocab_size"]
     model_cfg = small(vocab, dropout=0.1)
     cfg = TrainConfig(dataset=str(dataset), out_dir=str(tmp_path / "run"), batch_size=8, max_iters=30,
@@ -29,7 +38,8 @@ def test_train_bf16_fused_adamw_on_cuda(dataset, tmp_path, compile):
     summary = train_mod.train(model_cfg, cfg)
     assert summary["step"] == 30
     assert math.isfinite(summary["val_loss"]) and summary["val_loss"] < math.log(vocab) - 0.5
-    assert torch.backends.cuda.matmul.allow_tf32  # train() turns TF32 on for fp32 matmuls outside autocast
+    assert seen["tf32"]  # matmul_precision "auto" on CUDA: TF32 for fp32 matmuls outside autocast
+    assert torch.get_float32_matmul_precision() == before  # put back for the caller
     records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r.get("kind") != "eval"]
     assert all(math.isfinite(r["loss"]) and 0 < r["mfu"] < 1 for r in steps)
