@@ -106,8 +106,14 @@ class Distributed:
         return bool(t.item())
 
     def teardown(self):
+        """Destroy the process group. Call it after dropping the DDP wrapper: its reducer holds the gloo group,
+        and if the reducer's deallocation (GIL held) is what frees the group, the group's destructor joins a
+        worker thread that waits for the GIL to free a tensor: a deadlock at exit, seen in about 1 of 4
+        two-rank CPU runs. Here the group is shut down by destroy_process_group instead."""
         if self.enabled:
+            import gc
             import torch.distributed as dist
+            gc.collect()  # the wrapper sits in reference cycles (module hooks)
             if dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -192,15 +198,9 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     Float32 matmuls run at cfg.matmul_precision for the run (on CUDA: those left outside autocast). torch keeps
     that setting process-wide, so it is put back afterwards for callers in the same process.
     """
-    import torch
-    from model.runtime import resolve_matmul_precision
-    previous = torch.get_float32_matmul_precision()
-    device_type = resolve_device(cfg.device).type
-    torch.set_float32_matmul_precision(resolve_matmul_precision(cfg.matmul_precision, device_type))
-    try:
+    from model.runtime import matmul_precision
+    with matmul_precision(cfg.matmul_precision, resolve_device(cfg.device).type):
         return _train(model_cfg, cfg, stop_flag=stop_flag)
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
@@ -401,6 +401,7 @@ def _train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
             metrics.close()
             if metrics_path.stat().st_size:
                 plot_losses(metrics_path, out_dir / "loss.png")
+        model = None  # the DDP wrapper must be gone before the process group is: see Distributed.teardown
         dist.teardown()
 
     done = step - start_step

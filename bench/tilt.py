@@ -65,16 +65,11 @@ def parse_run(spec: str):
 def run_recipe(model_cfg, cfg, eval_every: int, log=print) -> dict:
     """Train like train.py's single-process loop (no checkpoints), at the run's float32 matmul precision;
     full-val loss every eval_every steps."""
-    import torch
+    from model.runtime import matmul_precision
     if cfg.grad_accum != 1 or cfg.device not in ("cpu", "auto"):
         raise ValueError("bench/tilt.py runs single-process CPU recipes with grad_accum=1")
-    from model.runtime import resolve_matmul_precision
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(resolve_matmul_precision(cfg.matmul_precision, "cpu"))
-    try:
+    with matmul_precision(cfg.matmul_precision, "cpu"):
         return _run(model_cfg, cfg, eval_every, log)
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 def _run(model_cfg, cfg, eval_every: int, log) -> dict:

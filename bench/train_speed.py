@@ -264,9 +264,8 @@ def parse_args(argv: list[str]) -> dict:
 
 def bf16_cpu_matmuls_available() -> bool:
     """Whether matmul_precision="medium" sends fp32 matmuls to bf16 hardware here (AMX or AVX512-BF16)."""
-    import torch
-    return (torch.ops.mkldnn._is_mkldnn_bf16_supported()
-            and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()))
+    from model.runtime import cpu_bf16_matmul_unit
+    return cpu_bf16_matmul_unit() in ("AMX", "AVX512-BF16")
 
 
 def variants_for(recipe: str, opts: dict, device) -> list[tuple[str, str, str, bool, str]]:
@@ -434,9 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {"highest": peak, "high": peak}
     bf16_note = ""
     if device.type == "cpu" and opts["bf16_matmuls"] and bf16_cpu_matmuls_available():
-        torch.set_float32_matmul_precision("medium")
-        peaks["medium"], _ = peak_flops(device, 0.0)  # calibrated again: the bf16 matmul peak
-        torch.set_float32_matmul_precision("highest")
+        from model.runtime import matmul_precision
+        with matmul_precision("medium", "cpu"):
+            peaks["medium"], _ = peak_flops(device, 0.0)  # calibrated again: the bf16 matmul peak
         bf16_note = f"; bf16-mm rows: matmul_precision=medium, bf16 matmul peak {peaks['medium'] / 1e9:,.1f} GFLOP/s"
     recipes = opts["recipes"] or (["a"] if opts["quick"] else ["a", "b"])
     print(f"device {device} ({torch.get_num_threads()} threads), {dtype}, torch {torch.__version__}; dataset "

@@ -158,7 +158,8 @@ class CausalAttention(torch.autograd.Function):
 
 @torch.compiler.assume_constant_result  # read once when torch.compile traces: a str would break the graph
 def _bf16_cpu_matmuls() -> bool:
-    """True under torch.set_float32_matmul_precision("medium"): fp32 matmuls on the CPU take bf16 inputs."""
+    """True under torch.set_float32_matmul_precision("medium"), where CPU fp32 matmuls take bf16 inputs (on CPUs
+    with oneDNN bf16; elsewhere the setting changes nothing and CausalAttention merely ties SDPA)."""
     return torch.get_float32_matmul_precision() == "medium"
 
 
@@ -184,8 +185,9 @@ class CausalSelfAttention(nn.Module):
         # oneDNN's bf16 path: 10x slower on recipe (a)). See the README, "Training speed".
         eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
         dropout_on = self.training and self.dropout > 0.0
-        slow_cpu_sdpa = x.device.type == "cpu" and ((dropout_on and eager_cpu) or _bf16_cpu_matmuls())
-        if self.attention == "sdpa" and slow_cpu_sdpa and eager_cpu and cache is None and not dropout_on:
+        bf16_matmuls = x.device.type == "cpu" and _bf16_cpu_matmuls()
+        slow_cpu_sdpa = bf16_matmuls or (dropout_on and eager_cpu)
+        if self.attention == "sdpa" and bf16_matmuls and eager_cpu and cache is None and not dropout_on:
             y = CausalAttention.apply(qkv, nh)  # (B, T, C)
             return self.resid_dropout(self.c_proj(y))
         q, k, v = qkv.split(C, dim=2)  # (B, T, C) each

@@ -12,6 +12,7 @@ The matmul precision: TrainConfig.matmul_precision, resolved and described here,
 from __future__ import annotations
 
 import ctypes
+from contextlib import contextmanager
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_MAX = -4
@@ -38,11 +39,37 @@ def cpu_process_settings() -> bool:
 def resolve_matmul_precision(name: str, device_type: str) -> str:
     """TrainConfig.matmul_precision -> a torch.set_float32_matmul_precision value. "auto" is "high" on CUDA
     (TF32, as nanoGPT sets it) and "highest" on the CPU, where full fp32 keeps runs identical across CPUs."""
+    from .config import MATMUL_PRECISIONS
+    if name not in MATMUL_PRECISIONS:
+        raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {name!r}")
     if name == "auto":
         return "high" if device_type == "cuda" else "highest"
-    if name not in ("highest", "high", "medium"):
-        raise ValueError(f"matmul_precision must be auto, highest, high or medium, got {name!r}")
     return name
+
+
+@contextmanager
+def matmul_precision(name: str, device_type: str):
+    """Float32 matmuls at `name` (resolved as above) inside the block. torch keeps the setting process-wide,
+    so the caller's is put back on the way out, exceptions included."""
+    import torch
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(resolve_matmul_precision(name, device_type))
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def cpu_bf16_matmul_unit() -> str | None:
+    """What serves fp32 matmuls under "medium" on this CPU: "AMX", "AVX512-BF16", "emulated" (torch sends them
+    to oneDNN wherever its bf16 device check passes, AVX-512 without bf16 units included: likely slower than
+    fp32), or None (no oneDNN bf16: "medium" changes nothing)."""
+    import torch
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return None
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    return "AVX512-BF16" if torch.cpu._is_avx512_bf16_supported() else "emulated"
 
 
 def describe_matmul_precision(precision: str, device_type: str) -> str:
@@ -51,13 +78,10 @@ def describe_matmul_precision(precision: str, device_type: str) -> str:
         return "fp32 matmuls in full fp32"
     if device_type == "cuda":
         return f"fp32 matmuls at precision {precision!r} ({'TF32' if precision == 'high' else 'bf16 or TF32'})"
-    import torch
     if precision == "medium":
-        # torch sends fp32 matmuls to oneDNN's bf16 kernels wherever its bf16 device check passes (AVX-512 or
-        # Arm bf16); only bf16 hardware (AMX, AVX512-BF16) makes them faster than fp32
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        unit = cpu_bf16_matmul_unit()
+        if unit is None:
             return "fp32 matmuls in full fp32 (matmul_precision='medium' has no effect: no oneDNN bf16 on this CPU)"
-        unit = ("AMX" if torch.cpu._is_amx_tile_supported() else
-                "AVX512-BF16" if torch.cpu._is_avx512_bf16_supported() else "no bf16 unit: emulated, likely slower")
+        unit = "no bf16 unit: emulated, likely slower" if unit == "emulated" else unit
         return f"fp32 matmuls with bf16 inputs and fp32 accumulation (oneDNN, {unit})"
     return "fp32 matmuls at precision 'high' (TF32 only where oneDNN has it for this CPU)"

@@ -4,7 +4,6 @@ and put back, the peak calibrated per precision, and the benchmark rows."""
 import json
 import math
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,20 +14,14 @@ import train as train_mod
 from model import GPT, GPTConfig, TrainConfig
 from model import gpt as gpt_mod
 from model import peaks
-from model.runtime import describe_matmul_precision, resolve_matmul_precision
+from model.runtime import cpu_bf16_matmul_unit, describe_matmul_precision, matmul_precision, resolve_matmul_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import train_speed  # noqa: E402
 
 
-@contextmanager
 def precision(name):
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(name)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
+    return matmul_precision(name, "cpu")
 
 
 def small(**kw):
@@ -132,10 +125,27 @@ def test_resolve_and_describe_by_hand():
     assert describe_matmul_precision("highest", "cpu") == "fp32 matmuls in full fp32"
     assert "TF32" in describe_matmul_precision("high", "cuda")
     medium = describe_matmul_precision("medium", "cpu")
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        assert medium.startswith("fp32 matmuls with bf16 inputs and fp32 accumulation (oneDNN, ")
-    else:
+    assert cpu_bf16_matmul_unit() in ("AMX", "AVX512-BF16", "emulated", None)
+    if cpu_bf16_matmul_unit() is None:
         assert "has no effect" in medium
+    else:
+        assert medium.startswith("fp32 matmuls with bf16 inputs and fp32 accumulation (oneDNN, ")
+
+
+def test_matmul_precision_block_puts_the_callers_setting_back_even_on_error():
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        with matmul_precision("medium", "cpu"):
+            assert torch.get_float32_matmul_precision() == "medium"
+        assert torch.get_float32_matmul_precision() == "high"
+        with pytest.raises(RuntimeError, match="inside"):
+            with matmul_precision("auto", "cpu"):
+                assert torch.get_float32_matmul_precision() == "highest"
+                raise RuntimeError("inside")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def tiny_run(dataset, out_dir, **kw):
