@@ -213,6 +213,7 @@ def _train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     from model.config import to_dict
     from model.data import Batches, load_meta
     from model.flops import train_step_flops
+    from model.optim import clip_and_step
     from model.peaks import measure_cpu_peak, mfu, peak_flops
     from model.planner import plan_run
     from model.runtime import describe_matmul_precision
@@ -367,9 +368,7 @@ def _train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
                 loss_sum += loss.detach()
             # the norm stays a tensor until after the step: an .item() here would make the host wait for the
             # GPU before it can queue the optimizer kernels
-            grad_norm = (torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-                         if cfg.grad_clip > 0 else None)
-            optimizer.step()
+            grad_norm = clip_and_step(optimizer, cfg.grad_clip)  # clipping rides in the fused AdamW kernel
             optimizer.zero_grad(set_to_none=True)
             grad_norm = grad_norm.item() if grad_norm is not None else float("nan")
             loss_value = dist.mean(loss_sum.item() / local_accum, device)

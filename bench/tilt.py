@@ -76,6 +76,7 @@ def _run(model_cfg, cfg, eval_every: int, log) -> dict:
     import torch
     from model import GPT
     from model.data import Batches, open_split
+    from model.optim import clip_and_step
     from train import lr_at
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg)
@@ -97,9 +98,7 @@ def _run(model_cfg, cfg, eval_every: int, log) -> dict:
         x, y = batches.next()
         _, loss = model(x, y)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        clip_and_step(optimizer, cfg.grad_clip)  # train.py's step
         optimizer.zero_grad(set_to_none=True)
     return {"curve": curve, "seconds": time.perf_counter() - t0, "tokens": cfg.max_iters * tokens_per_step}
 

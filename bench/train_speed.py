@@ -195,6 +195,7 @@ class FlopgptRunner:
 
     def step(self) -> float:
         import torch
+        from model.optim import clip_and_step
         from train import lr_at
         lr = lr_at(self.it, self.tcfg)
         for group in self.optimizer.param_groups:
@@ -205,8 +206,7 @@ class FlopgptRunner:
             _, loss = self.model(x, y)
         loss.backward()
         loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), 1.0)
-        self.optimizer.step()
+        grad_norm = clip_and_step(self.optimizer, 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm.item()
         self.it += 1

@@ -81,6 +81,30 @@ def test_fused_adamw_matches_foreach_on_cuda():
         torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4)
 
 
+def test_clip_and_step_matches_clip_grad_norm_on_cuda():
+    """train.py's clipping folded into the fused CUDA kernel (its norm: torch's multi-tensor kernel)."""
+    from model.optim import clip_and_step
+    torch.manual_seed(0)
+    a, b = GPT(small()).cuda(), GPT(small()).cuda()
+    b.load_state_dict(a.state_dict())
+    opt_a = a.configure_optimizer(1e-2, 0.1, (0.9, 0.99), "cuda")
+    opt_b = b.configure_optimizer(1e-2, 0.1, (0.9, 0.99), "cuda")
+    x = torch.randint(0, 67, (4, 32), device="cuda")
+    for _ in range(3):
+        (a(x, x)[1] * 100).backward()
+        ref = torch.nn.utils.clip_grad_norm_(a.parameters(), 1.0)
+        opt_a.step()
+        (b(x, x)[1] * 100).backward()
+        ours = clip_and_step(opt_b, 1.0)
+        assert ours.is_cuda and ours.item() == pytest.approx(ref.item(), rel=1e-5) and ref.item() > 1.0
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pb.grad, pa.grad, atol=1e-7, rtol=1e-5)  # left clipped
+        opt_a.zero_grad(set_to_none=True)
+        opt_b.zero_grad(set_to_none=True)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pb, pa, atol=1e-5, rtol=1e-4)
+
+
 def test_batches_pinned_non_blocking_transfer(dataset):
     cpu = Batches(dataset, "train", 32, 4, seed=3)
     gpu = Batches(dataset, "train", 32, 4, seed=3, device="cuda")

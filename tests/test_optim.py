@@ -1,0 +1,180 @@
+"""model.optim: the gradient norm by hand, and clip_and_step against clip_grad_norm_ followed by step()."""
+import math
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from model.optim import AdamW, clip_and_step, grad_norm
+
+
+def small(**kw):
+    return GPTConfig(**{**dict(vocab_size=31, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False), **kw})
+
+
+def test_grad_norm_by_hand():
+    grads = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0], [12.0]])]  # sqrt(9 + 16 + 144) = 13
+    assert grad_norm(grads).item() == 13.0
+    assert grad_norm([torch.tensor([[1.0, 2.0], [2.0, 4.0]]).t()]).item() == 5.0  # a non-contiguous gradient
+    assert grad_norm(grads).dtype == torch.float32 and grad_norm(grads).dim() == 0
+    with pytest.raises(ValueError, match="none"):
+        grad_norm([])
+
+
+def _twin_runs(max_norm: float, fused: bool, grad_gain: float, steps: int = 4):
+    """The same model trained by clip_grad_norm_ + step() and by clip_and_step; gradients scaled by grad_gain
+    so that clipping bites (large) or not (small). Returns both models, norms and final gradients."""
+    torch.manual_seed(0)
+    a, b = GPT(small()), GPT(small())
+    b.load_state_dict(a.state_dict())
+    opts = []
+    for model in (a, b):
+        groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+        opts.append(torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.99), fused=fused,
+                                      foreach=False if not fused else None))
+    x = torch.randint(0, 31, (3, 16))
+    norms = {"reference": [], "ours": []}
+    for _ in range(steps):
+        for name, model, opt in (("reference", a, opts[0]), ("ours", b, opts[1])):
+            (model(x, x)[1] * grad_gain).backward()
+            if name == "reference":
+                norms[name].append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item())
+                opt.step()
+            else:
+                norms[name].append(clip_and_step(opt, max_norm).item())
+            grads = [p.grad.clone() for p in model.parameters()]
+            opt.zero_grad(set_to_none=True)
+            if name == "reference":
+                ref_grads = grads
+    return a, b, norms, ref_grads, grads, opts[1]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("grad_gain", [100.0, 1e-3])  # clipped every step / never clipped
+def test_clip_and_step_matches_clip_grad_norm_then_step(fused, grad_gain):
+    a, b, norms, ref_grads, grads, opt = _twin_runs(1.0, fused, grad_gain)
+    assert norms["ours"] == pytest.approx(norms["reference"], rel=1e-5)
+    clipped = norms["reference"][-1] > 1.0
+    assert clipped == (grad_gain > 1)  # the two cases really differ
+    for ga, gb in zip(ref_grads, grads):  # the gradients are left clipped, as clip_grad_norm_ leaves them
+        torch.testing.assert_close(gb, ga, atol=1e-7, rtol=1e-5)
+    if clipped:
+        assert grad_norm(grads).item() == pytest.approx(1.0, rel=1e-5)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pb, pa, atol=1e-6, rtol=1e-5)
+    assert not hasattr(opt, "grad_scale")  # not left behind for a later unclipped step()
+
+
+def test_no_clipping_is_a_plain_step():
+    torch.manual_seed(0)
+    a, b = GPT(small()), GPT(small())
+    b.load_state_dict(a.state_dict())
+    opt_a = a.configure_optimizer(1e-2, 0.1, (0.9, 0.99), "cpu")
+    opt_b = b.configure_optimizer(1e-2, 0.1, (0.9, 0.99), "cpu")
+    x = torch.randint(0, 31, (3, 16))
+    for model, opt, step in ((a, opt_a, lambda o: o.step()), (b, opt_b, lambda o: clip_and_step(o, 0.0))):
+        (model(x, x)[1] * 100).backward()
+        assert step(opt) is None
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_parameters_without_gradients_are_left_out_and_untouched():
+    w, unused = torch.nn.Parameter(torch.tensor([3.0, 4.0])), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([w, unused], lr=0.1, fused=True)
+    w.grad = torch.tensor([30.0, 40.0])
+    assert clip_and_step(opt, 5.0).item() == 50.0
+    torch.testing.assert_close(w.grad, torch.tensor([3.0, 4.0]))  # clipped to norm 5
+    assert torch.equal(unused, torch.ones(2)) and unused.grad is None
+    assert clip_and_step(torch.optim.AdamW([unused], lr=0.1, fused=True), 1.0) is None  # no gradient at all
+
+
+def test_non_finite_gradients_behave_as_with_clip_grad_norm_():
+    for bad in (math.inf, math.nan):
+        ws = [torch.nn.Parameter(torch.tensor([1.0, 2.0])) for _ in range(2)]
+        for w in ws:
+            w.grad = torch.tensor([bad, 1.0])
+        ref = torch.nn.utils.clip_grad_norm_([ws[0]], 1.0)
+        torch.optim.AdamW([ws[0]], lr=0.1, fused=True).step()
+        ours = clip_and_step(torch.optim.AdamW([ws[1]], lr=0.1, fused=True), 1.0)
+        assert torch.equal(ours.isnan(), ref.isnan()) and torch.equal(ours.isinf(), ref.isinf())
+        torch.testing.assert_close(ws[1], ws[0], equal_nan=True)
+
+
+def test_negative_max_norm_is_an_error():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    with pytest.raises(ValueError, match="-1.0"):
+        clip_and_step(opt, -1.0)
+
+
+def _pair(seed=0):
+    torch.manual_seed(seed)
+    a, b = GPT(small()), GPT(small())
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def _groups(model):
+    return [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def test_lean_adamw_is_torchs_fused_adamw_bit_for_bit():
+    """Same updates and state as torch.optim.AdamW(fused=True), clipped steps included; its state_dict loads
+    into torch's and back; the kernel call really takes over after the first step."""
+    a, b = _pair()
+    ref = torch.optim.AdamW(_groups(a), lr=1e-2, betas=(0.9, 0.99), fused=True)
+    ours = AdamW(_groups(b), lr=1e-2, betas=(0.9, 0.99), fused=True)
+    assert isinstance(b.configure_optimizer(1e-2, 0.1, (0.9, 0.99), "cpu"), AdamW)
+    lean = []  # whether each of our steps makes the kernel call itself
+    x = torch.randint(0, 31, (3, 16))
+    for step in range(4):
+        for model, opt in ((a, ref), (b, ours)):
+            (model(x, x)[1] * 50).backward()
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * (step + 1) / 4  # changed between steps, as train.py does
+            if opt is ours:
+                lean.append(ours._kernel_calls() is not None)
+            if step % 2:
+                clip_and_step(opt, 1.0)
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    for sa, sb in zip(ref.state_dict()["state"].values(), ours.state_dict()["state"].values()):
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert lean == [False, True, True, True]  # step 0 creates the state through torch's step()
+    back = torch.optim.AdamW(_groups(a), lr=1e-2, betas=(0.9, 0.99), fused=True)
+    back.load_state_dict(ours.state_dict())
+    again = AdamW(_groups(b), lr=1e-2, betas=(0.9, 0.99), fused=True)
+    again.load_state_dict(ref.state_dict())
+    for opt, model in ((back, a), (again, b)):
+        (model(x, x)[1]).backward()
+        opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_lean_adamw_leaves_the_cases_it_does_not_cover_to_torch():
+    a, b = _pair()
+    ref = torch.optim.AdamW(_groups(a), lr=1e-2, fused=True)
+    ours = AdamW(_groups(b), lr=1e-2, fused=True)
+    x = torch.randint(0, 31, (3, 16))
+    for model, opt in ((a, ref), (b, ours)):
+        model(x, x)[1].backward()
+        opt.step()
+    assert ours._kernel_calls() is not None
+    for model, opt in ((a, ref), (b, ours)):  # a parameter without a gradient: torch skips it
+        model(x, x)[1].backward()
+        model.transformer.ln_f.weight.grad = None
+    assert ours._kernel_calls() is None
+    for opt in (ref, ours):
+        opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    loss = ours.step(closure=lambda: torch.tensor(1.5))  # a closure: torch's step() runs it
+    assert loss.item() == 1.5
+    assert AdamW(_groups(b), lr=1e-2, fused=True, amsgrad=True)._kernel_calls() is None
+    assert AdamW(_groups(b), lr=torch.tensor(1e-2), fused=True)._kernel_calls() is None
