@@ -283,7 +283,7 @@ def variants_for(recipe: str, opts: dict, device) -> list[tuple[str, str, str, b
         else:
             rows += [("nanoGPT-style bf16-mm", "nanogpt", "sdpa", False, "medium"),
                      ("flopgpt bf16-mm", "flopgpt", "sdpa", False, "medium")]
-    # not for recipe (b) on CPU (memory, as above); compiling bought nothing on recipe (a)
+    # not for recipe (b) on CPU (memory, as above); compiling bought 0-4% on recipe (a)
     if opts["compile"] and not opts["quick"] and not big:
         rows += [("nanoGPT-style compile", "nanogpt", "sdpa", True, "highest"),
                  ("flopgpt sdpa compile", "flopgpt", "sdpa", True, "highest")]

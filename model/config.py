@@ -91,7 +91,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     # float32 matmuls (torch.set_float32_matmul_precision): "highest" (full fp32), "high" (TF32 on CUDA),
     # "medium" (bf16 inputs, fp32 accumulation: on CUDA, and on CPUs with bf16 matmul units such as AMX, where
-    # recipe (a) ran 1.34x faster than in fp32; a no-op on other CPUs). "auto": "high" on CUDA (nanoGPT's TF32), "highest"
+    # recipe (a) ran 1.29-1.34x faster than in fp32; a no-op on other CPUs). "auto": "high" on CUDA (nanoGPT's TF32), "highest"
     # on CPU. See the README, "Training speed".
     matmul_precision: str = "auto"
     seed: int = 1337

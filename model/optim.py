@@ -2,11 +2,12 @@
 
 torch.nn.utils.clip_grad_norm_ followed by optimizer.step() passes over every gradient three times: a norm per
 tensor, a multiply per tensor, then the update. On the CPU the norm is the slow part: torch's vector_norm takes
-142 us over 804K floats where BLAS's dot takes 20 us (recipe (a)'s parameters, BENCHMARKS.md). Here the norm is a
-sum of per-tensor dot products on the CPU (torch's multi-tensor norm kernel on CUDA), and the clipping divisor
-goes to the fused kernel as its grad_scale, the argument torch.amp.GradScaler uses to unscale, so the kernel
-divides each gradient as it reads it. The update equals clip_grad_norm_(max_norm) then step() up to float32
-rounding (tests/test_optim.py); the gradients are left clipped, as clip_grad_norm_ leaves them.
+142 us over 804K floats where BLAS's dot takes 20 us (recipe (a)'s parameters; README, "What changed for
+speed"). Here the norm is a sum of per-tensor dot products on the CPU (torch's multi-tensor norm kernel on
+CUDA), and the clipping divisor goes to the fused kernel as its grad_scale, the argument torch.amp.GradScaler
+uses to unscale, so the kernel divides each gradient as it reads it. The update equals clip_grad_norm_(max_norm)
+then step() up to float32 rounding (tests/test_optim.py); the gradients are left clipped, as clip_grad_norm_
+leaves them.
 
 AdamW is torch's fused AdamW with less Python per step: same kernel, same state, same results.
 """
