@@ -175,10 +175,11 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = Dropout(config.dropout)
         self.resid_dropout = Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        B, T, C = x.size()
-        nh, hs = self.n_head, C // self.n_head
-        qkv = self.c_attn(x)  # (B, T, 3C)
+    def forward(self, x: torch.Tensor, T: int, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x (B*T, C): B sequences of T positions, one row per token -> (B*T, C)."""
+        BT, C = x.size()
+        B, nh, hs = BT // T, self.n_head, C // self.n_head
+        qkv = self.c_attn(x).view(B, T, 3 * C)  # (B, T, 3C)
         # two cases where CPU SDPA is slower than explicit attention, which computes the same: attention dropout
         # in training (no fused kernel: a math fallback with torch's serial dropout mask and extra masking
         # passes), and float32 matmul precision "medium" (its flash kernel's small block matmuls then take
@@ -189,7 +190,7 @@ class CausalSelfAttention(nn.Module):
         slow_cpu_sdpa = bf16_matmuls or (dropout_on and eager_cpu)
         if self.attention == "sdpa" and bf16_matmuls and eager_cpu and cache is None and not dropout_on:
             y = CausalAttention.apply(qkv, nh)  # (B, T, C)
-            return self.resid_dropout(self.c_proj(y))
+            return self.resid_dropout(self.c_proj(y.view(BT, C)))  # (B*T, C)
         q, k, v = qkv.split(C, dim=2)  # (B, T, C) each
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -214,8 +215,8 @@ class CausalSelfAttention(nn.Module):
             att = F.softmax(att, dim=-1)
             att = self.attn_dropout(att)
             y = att @ v  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C), heads side by side
-        return self.resid_dropout(self.c_proj(y))
+        y = y.transpose(1, 2).contiguous().view(BT, C)  # (B*T, C), heads side by side
+        return self.resid_dropout(self.c_proj(y))  # (B*T, C)
 
 
 class MLP(nn.Module):
@@ -228,8 +229,8 @@ class MLP(nn.Module):
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.gelu(self.c_fc(x))  # (B, T, 4C)
-        return self.dropout(self.c_proj(h))  # (B, T, C)
+        h = self.gelu(self.c_fc(x))  # (B*T, 4C)
+        return self.dropout(self.c_proj(h))  # (B*T, C)
 
 
 class Block(nn.Module):
@@ -240,9 +241,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)  # (B, T, C)
-        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+    def forward(self, x: torch.Tensor, T: int, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), T, cache, layer)  # (B*T, C)
+        x = x + self.mlp(self.ln_2(x))  # (B*T, C)
         return x
 
 
@@ -318,23 +319,25 @@ class GPT(nn.Module):
             x = tok + self.transformer.wpe(pos)  # (B, T, C)
         else:
             x = tok + self.pos_table[past:past + T].to(tok.dtype)  # (B, T, C)
-        x = self.transformer.drop(x)
+        # the residual stream is 2-D, one row per token: every Linear is then a single mm (a 3-D input adds a
+        # reshape and a view to each Linear's forward and backward, 1.5% of recipe (a)'s step)
+        x = self.transformer.drop(x.view(B * T, -1))  # (B*T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, i)  # (B, T, C)
+            x = block(x, T, kv_cache, i)  # (B*T, C)
         if kv_cache is not None:
             kv_cache.pos = past + T
-        x = self.transformer.ln_f(x)  # (B, T, C)
+        x = self.transformer.ln_f(x)  # (B*T, C)
         if last_only:
-            x = x[:, -1:, :]  # (B, 1, C)
-        logits = self.lm_head(x)  # (B, T, V)
+            x = x.view(B, T, -1)[:, -1]  # (B, C)
+        logits = self.lm_head(x)  # (B*T, V); (B, V) with last_only
         loss = None
         if targets is not None:
             if targets.shape != idx.shape:
                 raise ValueError(f"targets shape {tuple(targets.shape)} differs from idx shape {tuple(idx.shape)}")
             if last_only:
                 raise ValueError("last_only=True cannot compute a loss over all positions")
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+            loss = F.cross_entropy(logits.float(), targets.reshape(-1), ignore_index=-1)
+        return logits.view(B, 1 if last_only else T, -1), loss  # (B, T, V)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
