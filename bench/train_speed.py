@@ -11,10 +11,11 @@ every call, one torch.stack per x and y of per-row slices), plain AdamW (nanoGPT
 its loop (next batch fetched between forward and backward, clip, step, loss.item() every step as with
 --log_interval=1). Each variant runs in its own process, with the process settings of the program it stands
 for: flopgpt's workers apply train.py's (model/runtime.py, glibc's allocator keeping freed memory), the baseline's
-none. Variants are timed in alternating repeats after warm-up steps; each row reports the median
-step time, tokens/s, model FLOP/s (exact FLOPs from model.flops.train_step_flops, 2 per multiply-add) and MFU
-against the peak from model.peaks (on CPU a calibrated large fp32 matmul), and its speed relative to the
-baseline measured in the same run. The machine may be shared: compare ratios, not absolute numbers.
+none. Variants are timed in alternating blocks of steps (repeats) after warm-up steps; each row reports the
+median step time, tokens/s, model FLOP/s (exact FLOPs from model.flops.train_step_flops, 2 per multiply-add) and
+MFU against the peak from model.peaks (on CPU a calibrated large fp32 matmul), and its speed relative to the
+baseline: the median over repeats of the ratio of the two programs' median step times in that repeat's blocks
+(timed seconds apart), with the range of those ratios. The machine may be shared: compare ratios, not absolute numbers.
 
 On CPUs with bf16 matmul units (AMX, AVX512-BF16) two more rows run both steps with float32 matmul precision
 "medium" (bf16 inputs, fp32 accumulation; train.py's --matmul_precision=medium), their MFU against the bf16
@@ -340,8 +341,8 @@ def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dty
     shape, batch_size = RECIPES[recipe]
     quick = opts["quick"]
     big = recipe == "b" and device.type == "cpu"
-    repeats = opts["repeats"] or (3 if quick or big else 5)
-    steps = opts["steps"] or (2 if big else 10)
+    repeats = opts["repeats"] or (3 if big else 6 if quick else 10)  # many short blocks: see paired_speedup
+    steps = opts["steps"] or (2 if big else 5)
     warmup = opts["warmup"] if opts["warmup"] is not None else (1 if big else 3)
     ctx = mp.get_context("spawn")
     rows = []
@@ -353,13 +354,13 @@ def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dty
                                args=(there, runner, asdict(cfg), batch_size, str(dataset), str(device), dtype,
                                      compile_, warmup, opts["threads"], precision))
             proc.start()
-            row = {"label": label, "cfg": cfg, "conn": here, "proc": proc, "times": [], "precision": precision}
+            row = {"label": label, "cfg": cfg, "conn": here, "proc": proc, "blocks": [], "precision": precision}
             rows.append(row)
             row["setup_s"] = _receive(row, "ready")  # one setup at a time: they would compete for the cores
         for _ in range(repeats):
             for row in rows:  # alternate, so slow phases of a shared machine hit every variant alike
                 row["conn"].send(steps)
-                row["times"] += _receive(row, "times")
+                row["blocks"].append(_receive(row, "times"))
     finally:
         for row in rows:
             try:
@@ -369,16 +370,30 @@ def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dty
             row["proc"].join(timeout=30)
             if row["proc"].is_alive():
                 row["proc"].kill()
-    base = median(rows[0]["times"])
     tokens = batch_size * shape["block_size"]
     out = []
     for row in rows:
-        dt = median(row["times"])
+        dt = median([t for block in row["blocks"] for t in block])
         flops = train_step_flops(row["cfg"], batch_size, shape["block_size"])
+        speedup, low, high = paired_speedup(rows[0]["blocks"], row["blocks"])
         out.append({"recipe": recipe, "variant": row["label"], "ms": dt * 1e3, "tokens_per_s": tokens / dt,
-                    "flops_per_s": flops / dt, "mfu": flops / dt / peaks[row["precision"]], "speedup": base / dt,
-                    "steps_timed": len(row["times"]), "setup_s": row["setup_s"]})
+                    "flops_per_s": flops / dt, "mfu": flops / dt / peaks[row["precision"]], "speedup": speedup,
+                    "speedup_range": (low, high), "steps_timed": sum(map(len, row["blocks"])),
+                    "setup_s": row["setup_s"]})
     return out
+
+
+def paired_speedup(base_blocks: list[list[float]], blocks: list[list[float]]) -> tuple[float, float, float]:
+    """Speed relative to the baseline from step times timed in alternating blocks: for each repeat r, the
+    baseline's median step time in its block r over this variant's in its block r (timed seconds apart, so a
+    slow phase of a shared machine hits both); returns the median of those per-repeat ratios and their min and
+    max. A ratio of medians over the whole run lets a slow minute that hit one program's blocks more than the
+    other's move the result."""
+    if len(base_blocks) != len(blocks) or not blocks or not all(base_blocks) or not all(blocks):
+        raise ValueError(f"paired_speedup needs the same number of non-empty blocks, got {len(base_blocks)} and "
+                         f"{len(blocks)}")
+    ratios = [median(b) / median(v) for b, v in zip(base_blocks, blocks)]
+    return median(ratios), min(ratios), max(ratios)
 
 
 def _receive(row: dict, kind: str):
@@ -451,10 +466,12 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             print(f"train_speed.py: error: {e}", file=sys.stderr)
             return 1
-        print(f"{'variant':24s} {'ms/step':>9s} {'tokens/s':>10s} {'GFLOP/s':>9s} {'MFU':>7s} {'vs nanoGPT':>10s}")
+        print(f"{'variant':24s} {'ms/step':>9s} {'tokens/s':>10s} {'GFLOP/s':>9s} {'MFU':>7s} {'vs nanoGPT':>10s} "
+              f"{'repeats range':>14s}")
         for r in rows:
+            low, high = r["speedup_range"]
             print(f"{r['variant']:24s} {r['ms']:9.2f} {r['tokens_per_s']:10,.0f} {r['flops_per_s'] / 1e9:9.2f} "
-                  f"{r['mfu']:7.2%} {r['speedup']:9.2f}x", flush=True)
+                  f"{r['mfu']:7.2%} {r['speedup']:9.2f}x {low:7.2f}-{high:.2f}x", flush=True)
         results += rows
     return 0
 

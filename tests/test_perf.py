@@ -102,6 +102,22 @@ def test_bench_cli_errors_are_one_line(capsys):
     assert "/no/such/ds" in err[2] and "'z'" in err[3]
 
 
+def test_paired_speedup_pairs_blocks_of_the_same_repeat():
+    # repeat 1 ran in a slow phase for both programs: the pairing keeps it from looking like a speed change
+    base = [[10.0, 11.0, 12.0], [20.0, 22.0, 24.0], [10.0, 10.0, 10.0]]
+    flop = [[8.0, 8.0, 9.0], [22.0, 22.0, 22.0], [4.0, 5.0, 6.0]]
+    med, low, high = train_speed.paired_speedup(base, flop)
+    assert (low, med, high) == (1.0, 11.0 / 8.0, 2.0)  # ratios 11/8, 22/22, 10/5
+    # two slow baseline blocks and one lucky fast variant block: the ratio of medians over all steps says 2.5x
+    base, flop = [[10.0], [20.0], [20.0]], [[8.0], [16.0], [8.0]]
+    assert train_speed.median(sum(base, [])) / train_speed.median(sum(flop, [])) == 2.5
+    assert train_speed.paired_speedup(base, flop) == (1.25, 1.25, 2.5)
+    assert train_speed.paired_speedup([[3.0, 1.0, 2.0]], [[4.0]]) == (0.5, 0.5, 0.5)
+    for bad in (([[1.0]], []), ([[1.0]], [[1.0], [1.0]]), ([[1.0], []], [[1.0], [1.0]])):
+        with pytest.raises(ValueError, match="same number of non-empty blocks"):
+            train_speed.paired_speedup(*bad)
+
+
 def test_exact_gelu_flops_match_the_fvcore_measurement():
     from model import flops
     from model.counters import fvcore_count
