@@ -8,8 +8,9 @@ Recipes (nanoGPT's): (a) its CPU "baby GPT" command: char-level, 4 layers, 4 hea
 The baseline re-implements nanoGPT's per-iteration work (not its code): its model (one c_attn projection split
 into q, k, v; exact-erf GELU; bias-free LayerNorm/Linear; SDPA attention), its get_batch (np.memmap opened on
 every call, one torch.stack per x and y of per-row slices), plain AdamW (nanoGPT fuses it only on CUDA) and
-its loop (next batch fetched between forward and backward, clip, step, loss.item() every step as with
---log_interval=1). Each variant runs in its own process, with the process settings of the program it stands
+its loop (loss divided by the accumulation steps, next batch fetched between forward and backward, clip, step,
+loss.item() and its MFU estimate's parameter count every step as with --log_interval=1; its log print is left
+out). Each variant runs in its own process, with the process settings of the program it stands
 for: flopgpt's workers apply train.py's (model/runtime.py, glibc's allocator keeping freed memory), the baseline's
 none. Variants are timed in alternating blocks of steps (repeats) after warm-up steps; each row reports the
 median step time, tokens/s, model FLOP/s (exact FLOPs from model.flops.train_step_flops, 2 per multiply-add) and
@@ -167,13 +168,17 @@ class NanoGPTRunner:
             group["lr"] = lr
         with self.ctx:
             _, loss = self.fwd(self.x, self.y)
+            loss = loss / 1  # its loss / gradient_accumulation_steps (1 here), an op in the graph all the same
         self.x, self.y = self.batch()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.it += 1
-        return loss.item()
+        lossf = loss.item()
+        if self.it >= 5:  # its estimate_mfu at every log step counts the parameters again (its print is left out)
+            sum(p.numel() for p in self.model.parameters())
+        return lossf
 
 
 # ----------------------------------------------------------------------------------------------------

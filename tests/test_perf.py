@@ -179,3 +179,28 @@ def test_profile_step_reports_every_matmul_shape_and_the_overhead(dataset):
     assert len(shapes) == 12 and sum(int(ln.split()[-1]) for ln in shapes) == 51
     assert any("kernels both steps run alike" in ln for ln in lines)
     assert any(ln.startswith("the same step at batch 1, block 1") for ln in lines)
+
+
+def test_the_nanogpt_style_baseline_computes_flopgpts_function():
+    # the speed ratio compares two implementations of one model: same weights -> same logits, loss, gradients
+    cfg = small(activation="gelu", bias=False, dropout=0.0)
+    torch.manual_seed(0)
+    ours, base = GPT(cfg), train_speed.nanogpt_model(cfg)
+    with torch.no_grad():  # weights far larger than GPT-2's init, so activations reach where GELU forms differ
+        for p in ours.parameters():
+            p.normal_(0.0, 0.5)
+    theirs = {k.replace("mlp.", "").replace("transformer.", ""): v for k, v in ours.state_dict().items()}
+    base.load_state_dict(theirs)  # strict: every parameter maps one to one
+    idx = torch.randint(0, cfg.vocab_size, (3, cfg.block_size))
+    tgt = torch.randint(0, cfg.vocab_size, (3, cfg.block_size))
+    logits, loss = ours(idx, tgt)
+    ref_logits, ref_loss = base(idx, tgt)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    ref_loss.backward()
+    for name, p in base.named_parameters():
+        mine = ours.get_parameter(("" if name == "lm_head.weight" else "transformer.") +
+                                  (name.replace(".c_fc", ".mlp.c_fc").replace(".c_proj", ".mlp.c_proj")
+                                   if ".attn." not in name else name))
+        torch.testing.assert_close(mine.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
