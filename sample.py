@@ -33,7 +33,8 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="sample.py", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", help="flopgpt checkpoint (default: out/default/best.pt, else last.pt)")
+    src.add_argument("--ckpt", help="flopgpt checkpoint, or a train.py out_dir (its best.pt, else last.pt; "
+                     "default: out/default)")
     src.add_argument("--hf", metavar="PATH", help="local Hugging Face GPT-2 folder (config.json + weights)")
     p.add_argument("--start", help='prompt text, or FILE:path to read it from a file (default: "\\n" for '
                                    'char models, "<|endoftext|>" for GPT-2 BPE)')
@@ -102,6 +103,11 @@ def load(args, device):
         tokenizer = gpt2_tokenizer(args.bpe_file)
     else:
         path = Path(args.ckpt) if args.ckpt else next((p for p in DEFAULT_CKPTS if p.is_file()), None)
+        if path is not None and path.is_dir():  # a train.py out_dir: its best checkpoint, else its last
+            found = next((path / n for n in ("best.pt", "last.pt") if (path / n).is_file()), None)
+            if found is None:
+                raise FileNotFoundError(f"no checkpoint in directory {path}: best.pt and last.pt not found")
+            path = found
         if path is None:
             raise FileNotFoundError(f"no checkpoint: {DEFAULT_CKPTS[0]} and {DEFAULT_CKPTS[1]} not found "
                                     f"(train one with `python train.py`, or pass --ckpt / --hf)")

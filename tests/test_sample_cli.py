@@ -100,6 +100,23 @@ def test_falls_back_to_last_pt_and_errors_without_checkpoints(monkeypatch, capsy
     assert code == 2 and out == "" and "python train.py" in err and len(err.strip().splitlines()) == 1
 
 
+def test_ckpt_may_name_a_train_py_out_dir(monkeypatch, capsys, run_dir, tmp_path):
+    args = ("--num-samples", "1", "--max-new-tokens", "8", "--temperature", "0")
+    code, by_file, _ = cli(monkeypatch, capsys, run_dir, "--ckpt", "out/default/best.pt", *args)
+    assert code == 0
+    code, by_dir, _ = cli(monkeypatch, capsys, run_dir, "--ckpt", "out/default", *args)
+    assert code == 0 and by_dir == by_file
+    only_last = tmp_path / "run"
+    only_last.mkdir()
+    (only_last / "last.pt").write_bytes((run_dir / "out" / "default" / "last.pt").read_bytes())
+    code, out, _ = cli(monkeypatch, capsys, run_dir, "--ckpt", str(only_last), *args)
+    assert code == 0 and out == by_file  # best.pt and last.pt hold the same weights in run_dir
+    (only_last / "last.pt").unlink()
+    code, out, err = cli(monkeypatch, capsys, run_dir, "--ckpt", str(only_last))
+    assert code == 2 and out == "" and err.strip() == (f"sample.py: error: no checkpoint in directory {only_last}: "
+                                                      f"best.pt and last.pt not found")
+
+
 def test_same_seed_same_text_and_greedy_matches_the_api(monkeypatch, capsys, run_dir):
     args = ("--start", "the ", "--num-samples", "2", "--max-new-tokens", "40")
     a = cli(monkeypatch, capsys, run_dir, *args, "--seed", "5")[1]
