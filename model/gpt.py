@@ -320,7 +320,7 @@ class GPT(nn.Module):
         else:
             x = tok + self.pos_table[past:past + T].to(tok.dtype)  # (B, T, C)
         # the residual stream is 2-D, one row per token: every Linear is then a single mm (a 3-D input adds a
-        # reshape and a view to each Linear's forward and backward, 1.5% of recipe (a)'s step)
+        # reshape and a view to each Linear's forward and backward: 1.6% of recipe (a)'s step)
         x = self.transformer.drop(x.view(B * T, -1))  # (B*T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, T, kv_cache, i)  # (B*T, C)

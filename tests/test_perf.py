@@ -189,8 +189,8 @@ def test_the_nanogpt_style_baseline_computes_flopgpts_function():
     with torch.no_grad():  # weights far larger than GPT-2's init, so activations reach where GELU forms differ
         for p in ours.parameters():
             p.normal_(0.0, 0.5)
-    theirs = {k.replace("mlp.", "").replace("transformer.", ""): v for k, v in ours.state_dict().items()}
-    base.load_state_dict(theirs)  # strict: every parameter maps one to one
+    our_name = {k.replace("mlp.", "").replace("transformer.", ""): k for k in ours.state_dict()}  # theirs -> ours
+    base.load_state_dict({theirs: ours.state_dict()[k] for theirs, k in our_name.items()})  # strict: one to one
     idx = torch.randint(0, cfg.vocab_size, (3, cfg.block_size))
     tgt = torch.randint(0, cfg.vocab_size, (3, cfg.block_size))
     logits, loss = ours(idx, tgt)
@@ -200,7 +200,4 @@ def test_the_nanogpt_style_baseline_computes_flopgpts_function():
     loss.backward()
     ref_loss.backward()
     for name, p in base.named_parameters():
-        mine = ours.get_parameter(("" if name == "lm_head.weight" else "transformer.") +
-                                  (name.replace(".c_fc", ".mlp.c_fc").replace(".c_proj", ".mlp.c_proj")
-                                   if ".attn." not in name else name))
-        torch.testing.assert_close(mine.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(ours.get_parameter(our_name[name]).grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
