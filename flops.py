@@ -55,7 +55,7 @@ def load_config(path: str | None, overrides: list[str]):
     """
     from model import GPTConfig, TrainConfig
     from model.config import load, parse_overrides, read_toml
-    from model.data import load_meta
+    from model.training.data import load_meta
     values = {**(read_toml(path) if path else {}), **parse_overrides(overrides)}
     defaults, note = {}, "vocab_size from the config" if "vocab_size" in values else "vocab_size: GPTConfig default"
     if "vocab_size" not in values and "dataset" in values:
@@ -72,8 +72,9 @@ def load_config(path: str | None, overrides: list[str]):
 # The report: everything computed once, rendered as tables or JSON
 
 def report(cfg, batch: int, seq_len: int) -> dict:
-    from model import approximations, flops
-    from model.counters import build_model, fvcore_count, torch_count
+    from model.flops import approximations
+    from model.flops import formulas as flops
+    from model.flops.counters import build_model, fvcore_count, torch_count
     fwd = flops.forward(cfg, batch, seq_len)
     train = flops.train_step(cfg, batch, seq_len)
     model = build_model(cfg)  # meta: shared by the three measurements
@@ -113,7 +114,7 @@ def _diff(row: dict) -> str:
 
 
 def render(rep: dict, note: str) -> str:
-    from model.flops import (ADD, ATTN_SCALE, BACKWARD_ELEMENTWISE, CROSS_ENTROPY_PER_LOGIT, CROSS_ENTROPY_PER_ROW,
+    from model.flops.formulas import (ADD, ATTN_SCALE, BACKWARD_ELEMENTWISE, CROSS_ENTROPY_PER_LOGIT, CROSS_ENTROPY_PER_ROW,
                              GELU_TANH, LAYER_NORM_CORE, SOFTMAX)
     c, f, t = rep["config"], rep["forward"], rep["train_step"]
     B, T = rep["batch_size"], rep["seq_len"]
@@ -189,8 +190,9 @@ def seq_lens(block_size: int) -> list[int]:
 
 def run_sweep(cfg, batch: int, seq_len: int, out_dir: Path) -> list[Path]:
     import csv
-    from model import approximations, flops
-    from model.counters import build_model, fvcore_count, torch_count
+    from model.flops import approximations
+    from model.flops import formulas as flops
+    from model.flops.counters import build_model, fvcore_count, torch_count
     rows = []
     runs = [(name, c, seq_len) for name, c in sweep_points(cfg)]
     runs += [("seq_len", cfg, T) for T in seq_lens(cfg.block_size)]
@@ -292,7 +294,7 @@ def duration(seconds: float) -> str:
 
 
 def resolve_peak(device: str | None, peak: float | None) -> tuple[float, str]:
-    from model.peaks import cpu_peak, peak_by_key
+    from model.flops.peaks import cpu_peak, peak_by_key
     if peak is not None:
         if not (math.isfinite(peak) and peak > 0):
             raise ValueError(f"--peak-flops must be a positive FLOP/s, got {peak!r}")
@@ -305,7 +307,7 @@ def resolve_peak(device: str | None, peak: float | None) -> tuple[float, str]:
 
 
 def plan(cfg, seq_len: int, args) -> dict:
-    from model.planner import DEFAULT_MFU, parse_tokens, plan_run
+    from model.flops.planner import DEFAULT_MFU, parse_tokens, plan_run
     if args.tokens is None:
         raise ValueError("--plan needs --tokens N (e.g. --tokens 300e9)")
     tokens = parse_tokens(args.tokens)

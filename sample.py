@@ -95,8 +95,8 @@ def resolve_device(name: str):
 def load(args, device):
     """(model, tokenizer) from --hf, --ckpt or the default checkpoint."""
     from model import GPT
-    from model.checkpoint import load_model
-    from model.tokenizer import gpt2_tokenizer, load_tokenizer
+    from model.training.checkpoint import load_model
+    from model.training.tokenizer import gpt2_tokenizer, load_tokenizer
 
     if args.hf:
         model = GPT.from_pretrained(args.hf, device=device)

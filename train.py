@@ -198,7 +198,7 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     Float32 matmuls run at cfg.matmul_precision for the run (on CUDA: those left outside autocast). torch keeps
     that setting process-wide, so it is put back afterwards for callers in the same process.
     """
-    from model.runtime import matmul_precision
+    from model.training.runtime import matmul_precision
     with matmul_precision(cfg.matmul_precision, resolve_device(cfg.device).type):
         return _train(model_cfg, cfg, stop_flag=stop_flag)
 
@@ -208,15 +208,15 @@ def _train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     from tqdm import tqdm
 
     from model import GPT
-    from model.checkpoint import (FORMAT, load_checkpoint, load_weights, rng_state, save_checkpoint,
+    from model.training.checkpoint import (FORMAT, load_checkpoint, load_weights, rng_state, save_checkpoint,
                                   set_rng_state)
     from model.config import to_dict
-    from model.data import Batches, load_meta
-    from model.flops import train_step_flops
-    from model.optim import clip_and_step
-    from model.peaks import measure_cpu_peak, mfu, peak_flops
-    from model.planner import plan_run
-    from model.runtime import describe_matmul_precision
+    from model.training.data import Batches, load_meta
+    from model.flops.formulas import train_step_flops
+    from model.training.optim import clip_and_step
+    from model.flops.peaks import measure_cpu_peak, mfu, peak_flops
+    from model.flops.planner import plan_run
+    from model.training.runtime import describe_matmul_precision
 
     stop_flag = stop_flag if stop_flag is not None else {}
     dist = Distributed()
@@ -253,7 +253,7 @@ def _train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
 
     torch.manual_seed(cfg.seed)
     if device.type == "cpu":
-        from model.runtime import cpu_process_settings
+        from model.training.runtime import cpu_process_settings
         cpu_process_settings()  # keep freed activations for reuse (glibc); see model/runtime.py
     if device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = True
@@ -426,7 +426,7 @@ def _train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
 def configs_from_argv(argv: list[str]):
     """[CONFIG.toml] [--key=value ...] -> (GPTConfig, TrainConfig); vocab_size comes from the dataset."""
     from model.config import GPTConfig, TrainConfig, build, parse_overrides, read_toml
-    from model.data import ensure_dataset, load_meta
+    from model.training.data import ensure_dataset, load_meta
 
     path = None
     if argv and not argv[0].startswith("--"):

@@ -84,7 +84,7 @@ def profile_one(opts: dict, dataset: Path, vocab: int) -> None:
         torch.set_num_threads(opts["threads"])
     flopgpt = opts["which"] == "flopgpt"
     if flopgpt:
-        from model.runtime import cpu_process_settings
+        from model.training.runtime import cpu_process_settings
         cpu_process_settings()
     cls = FlopgptRunner if flopgpt else NanoGPTRunner
     shape, batch = RECIPES[opts["recipe"]]
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         opts = parse_args(argv)
-        from model.data import ensure_dataset, load_meta
+        from model.training.data import ensure_dataset, load_meta
         from train_speed import default_dataset
         dataset = ensure_dataset(opts["dataset"] or default_dataset())
         vocab = load_meta(dataset)["vocab_size"]

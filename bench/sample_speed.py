@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         try:
             import transformers
             transformers.logging.set_verbosity_error()
-            from model.weights import to_hf_gpt2
+            from model.gpt.weights import to_hf_gpt2
         except ImportError:
             print("transformers is not installed: skipping its column")
             args.no_hf = True

@@ -48,7 +48,7 @@ def full_split_loss(model, data, block_size: int, batch_rows: int = 256) -> floa
 def parse_run(spec: str):
     """'CONFIG.toml --k=v ...' -> (label, GPTConfig, TrainConfig) with vocab_size from the dataset."""
     from model.config import GPTConfig, TrainConfig, build, parse_overrides, read_toml
-    from model.data import ensure_dataset, load_meta
+    from model.training.data import ensure_dataset, load_meta
     parts = shlex.split(spec)
     if not parts or parts[0].startswith("--"):
         raise ValueError(f"run {spec!r} must start with a config file")
@@ -65,7 +65,7 @@ def parse_run(spec: str):
 def run_recipe(model_cfg, cfg, eval_every: int, log=print) -> dict:
     """Train like train.py's single-process loop (no checkpoints), at the run's float32 matmul precision;
     full-val loss every eval_every steps."""
-    from model.runtime import matmul_precision
+    from model.training.runtime import matmul_precision
     if cfg.grad_accum != 1 or cfg.device not in ("cpu", "auto"):
         raise ValueError("bench/tilt.py runs single-process CPU recipes with grad_accum=1")
     with matmul_precision(cfg.matmul_precision, "cpu"):
@@ -75,8 +75,8 @@ def run_recipe(model_cfg, cfg, eval_every: int, log=print) -> dict:
 def _run(model_cfg, cfg, eval_every: int, log) -> dict:
     import torch
     from model import GPT
-    from model.data import Batches, open_split
-    from model.optim import clip_and_step
+    from model.training.data import Batches, open_split
+    from model.training.optim import clip_and_step
     from train import lr_at
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg)

@@ -13,8 +13,8 @@ loss.item() and its MFU estimate's parameter count every step as with --log_inte
 out). Each variant runs in its own process, with the process settings of the program it stands
 for: flopgpt's workers apply train.py's (model/runtime.py, glibc's allocator keeping freed memory), the baseline's
 none. Variants are timed in alternating blocks of steps (repeats) after warm-up steps; each row reports the
-median step time, tokens/s, model FLOP/s (exact FLOPs from model.flops.train_step_flops, 2 per multiply-add) and
-MFU against the peak from model.peaks (on CPU a calibrated large fp32 matmul), and its speed relative to the
+median step time, tokens/s, model FLOP/s (exact FLOPs from model.flops.formulas.train_step_flops, 2 per multiply-add) and
+MFU against the peak from model.flops.peaks (on CPU a calibrated large fp32 matmul), and its speed relative to the
 baseline: the median over repeats of the ratio of the two programs' median step times in that repeat's blocks
 (timed seconds apart), with the range of those ratios. The machine may be shared: compare ratios, not absolute numbers.
 
@@ -188,7 +188,7 @@ class FlopgptRunner:
     def __init__(self, cfg, batch_size: int, dataset: Path, device, dtype: str, compile: bool):
         import torch
         from model import GPT, TrainConfig
-        from model.data import Batches
+        from model.training.data import Batches
         self.raw = GPT(cfg).to(device)
         self.model = torch.compile(self.raw) if compile else self.raw
         self.tcfg = TrainConfig(dataset=str(dataset), batch_size=batch_size, max_iters=10**6)
@@ -201,7 +201,7 @@ class FlopgptRunner:
 
     def step(self) -> float:
         import torch
-        from model.optim import clip_and_step
+        from model.training.optim import clip_and_step
         from train import lr_at
         lr = lr_at(self.it, self.tcfg)
         for group in self.optimizer.param_groups:
@@ -270,7 +270,7 @@ def parse_args(argv: list[str]) -> dict:
 
 def bf16_cpu_matmuls_available() -> bool:
     """Whether matmul_precision="medium" sends fp32 matmuls to bf16 hardware here (AMX or AVX512-BF16)."""
-    from model.runtime import cpu_bf16_matmul_unit
+    from model.training.runtime import cpu_bf16_matmul_unit
     return cpu_bf16_matmul_unit() in ("AMX", "AVX512-BF16")
 
 
@@ -310,7 +310,7 @@ def _worker(conn, runner: str, cfg_fields: dict, batch_size: int, dataset: str, 
             torch.set_num_threads(threads)
         dev = torch.device(device)
         if runner == "flopgpt" and dev.type == "cpu":
-            from model.runtime import cpu_process_settings
+            from model.training.runtime import cpu_process_settings
             cpu_process_settings()
         if dev.type == "cuda":
             torch.backends.cudnn.allow_tf32 = True
@@ -342,7 +342,7 @@ def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dty
     import multiprocessing as mp
     from dataclasses import asdict
     from model import GPTConfig
-    from model.flops import train_step_flops
+    from model.flops.formulas import train_step_flops
     shape, batch_size = RECIPES[recipe]
     quick = opts["quick"]
     big = recipe == "b" and device.type == "cpu"
@@ -431,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = parse_args(argv)
         import torch
-        from model.data import ensure_dataset, load_meta
-        from model.peaks import peak_flops
+        from model.training.data import ensure_dataset, load_meta
+        from model.flops.peaks import peak_flops
         from train import resolve_device, resolve_dtype
         device = resolve_device(opts["device"])
         dataset = ensure_dataset(opts["dataset"] or default_dataset())
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {"highest": peak, "high": peak}
     bf16_note = ""
     if device.type == "cpu" and opts["bf16_matmuls"] and bf16_cpu_matmuls_available():
-        from model.runtime import matmul_precision
+        from model.training.runtime import matmul_precision
         with matmul_precision("medium", "cpu"):
             peaks["medium"], _ = peak_flops(device, 0.0)  # calibrated again: the bf16 matmul peak
         bf16_note = f"; bf16-mm rows: matmul_precision=medium, bf16 matmul peak {peaks['medium'] / 1e9:,.1f} GFLOP/s"

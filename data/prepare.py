@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data/ is not a package; model/ is beside it
-    from model.data import prepare
+    from model.training.data import prepare
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -25,7 +25,7 @@ TINY_TEXT = ("It was the best of times, it was the worst of times, it was the ag
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """A small char-level dataset folder prepared by the real pipeline (shared by training tests)."""
-    from model.data import prepare
+    from model.training.data import prepare
     d = tmp_path_factory.mktemp("ds")
     src = d / "corpus.txt"
     src.write_text(TINY_TEXT)

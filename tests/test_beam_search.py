@@ -23,7 +23,7 @@ def tiny_gpt(seed=0, vocab=41, block=32, pos="learned", attention="sdpa"):
 @pytest.fixture(scope="module")
 def pair():
     pytest.importorskip("transformers")
-    from model.weights import to_hf_gpt2
+    from model.gpt.weights import to_hf_gpt2
     model = tiny_gpt(seed=1)
     return model, to_hf_gpt2(model)
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import model.data as data
-from model.data import (DEFAULT_DATASET, SHAKESPEARE_SHA256, Batches, ensure_dataset, load_meta, open_split,
+import model.training.data as data
+from model.training.data import (DEFAULT_DATASET, SHAKESPEARE_SHA256, Batches, ensure_dataset, load_meta, open_split,
                         prepare, pydoc_text, split_point, token_dtype)
-from model.tokenizer import (R50K_SHA256, RANKS_FILE, load_tokenizer, ranks_from_merges, sha256_file,
+from model.training.tokenizer import (R50K_SHA256, RANKS_FILE, load_tokenizer, ranks_from_merges, sha256_file,
                              train_bpe)
 
 ROOT = Path(__file__).resolve().parents[1]

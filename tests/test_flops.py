@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model import GPT, GPTConfig
-from model import approximations as approx
-from model import flops
+from model.flops import approximations as approx
+from model.flops import formulas as flops
 
 GPT2 = GPTConfig()  # GPT-2 124M: V=50257, L=12, d=768, block 1024
 

@@ -9,7 +9,7 @@ import pytest
 
 import flops as cli
 from model import GPTConfig, TrainConfig
-from model import flops
+from model.flops import formulas as flops
 from model.config import load
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model.peaks import GPU_PEAKS, _cpu_peak, gpu_peak, mfu, peak_by_key, peak_flops
+from model.flops.peaks import GPU_PEAKS, _cpu_peak, gpu_peak, mfu, peak_by_key, peak_flops
 
 
 @pytest.mark.parametrize("name,key,tflops", [

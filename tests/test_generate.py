@@ -19,7 +19,7 @@ def tiny_gpt(seed=0, vocab=37, block=16, pos="learned", attention="sdpa", dropou
 
 def naive_generate(model, idx, n, *, temperature=1.0, top_k=None, top_p=None, eos=None, generator=None):
     """The textbook loop: crop to block_size, full forward, pick, append (no cache, no preallocation)."""
-    from model.sampling import next_token
+    from model.gpt.sampling import next_token
     done = torch.zeros(idx.size(0), dtype=torch.bool)
     with torch.no_grad():
         for _ in range(n):
@@ -171,7 +171,7 @@ def test_nan_weights_raise_value_error():
 @pytest.fixture(scope="module")
 def pair():
     pytest.importorskip("transformers")
-    from model.weights import to_hf_gpt2
+    from model.gpt.weights import to_hf_gpt2
     model = tiny_gpt(seed=7, vocab=41, block=32)
     return model, to_hf_gpt2(model)
 

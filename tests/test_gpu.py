@@ -9,7 +9,7 @@ import torch
 
 import train as train_mod
 from model import GPT, GPTConfig, TrainConfig
-from model.data import Batches
+from model.training.data import Batches
 
 pytestmark = pytest.mark.gpu
 
@@ -83,7 +83,7 @@ def test_fused_adamw_matches_foreach_on_cuda():
 
 def test_clip_and_step_matches_clip_grad_norm_on_cuda():
     """train.py's clipping folded into the fused CUDA kernel (its norm: torch's multi-tensor kernel)."""
-    from model.optim import clip_and_step
+    from model.training.optim import clip_and_step
     torch.manual_seed(0)
     a, b = GPT(small()).cuda(), GPT(small()).cuda()
     b.load_state_dict(a.state_dict())

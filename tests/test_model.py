@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from model.gpt import Dropout, sinusoidal_table
+from model.gpt.gpt import Dropout, sinusoidal_table
 
 TINY = dict(vocab_size=67, block_size=16, n_layer=2, n_head=4, n_embd=32)
 

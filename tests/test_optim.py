@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from model.optim import AdamW, clip_and_step, grad_norm
+from model.training.optim import AdamW, clip_and_step, grad_norm
 
 
 def small(**kw):

@@ -119,8 +119,8 @@ def test_paired_speedup_pairs_blocks_of_the_same_repeat():
 
 
 def test_exact_gelu_flops_match_the_fvcore_measurement():
-    from model import flops
-    from model.counters import fvcore_count
+    from model.flops import formulas as flops
+    from model.flops.counters import fvcore_count
     for act in ("gelu", "gelu_tanh"):
         cfg = GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False, activation=act)
         measured = fvcore_count(cfg, 2, 16)
@@ -130,7 +130,7 @@ def test_exact_gelu_flops_match_the_fvcore_measurement():
 
 PAGE_FAULTS = """
 import resource, sys, torch
-from model.runtime import cpu_process_settings
+from model.training.runtime import cpu_process_settings
 applied = cpu_process_settings() if sys.argv[1] == "on" else False
 from model import GPT, GPTConfig
 torch.manual_seed(0)

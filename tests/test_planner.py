@@ -5,9 +5,9 @@ import pytest
 
 import flops as flops_cli
 from model import GPTConfig
-from model import flops
-from model.counters import build_model, torch_count
-from model.planner import parse_tokens, plan_run, scale_class
+from model.flops import formulas as flops
+from model.flops.counters import build_model, torch_count
+from model.flops.planner import parse_tokens, plan_run, scale_class
 
 SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=23)
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 import train as train_mod
 from model import GPT, GPTConfig, TrainConfig
-from model import gpt as gpt_mod
-from model import peaks
-from model.runtime import cpu_bf16_matmul_unit, describe_matmul_precision, matmul_precision, resolve_matmul_precision
+from model.gpt import gpt as gpt_mod
+from model.flops import peaks
+from model.training.runtime import cpu_bf16_matmul_unit, describe_matmul_precision, matmul_precision, resolve_matmul_precision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import train_speed  # noqa: E402

@@ -10,8 +10,8 @@ import torch
 
 import sample as sample_mod
 from model import GPTConfig, TrainConfig
-from model.checkpoint import load_model
-from model.data import prepare
+from model.training.checkpoint import load_model
+from model.training.data import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -22,7 +22,7 @@ TEXT = "the cat sat on the mat. the dog sat on the log. a cat and a dog met on a
 def write_run(root: Path) -> Path:
     """A folder laid out like the repo after `python train.py`: data/tiny_char and out/default/{best,last}.pt,
     holding a small char model trained briefly here (the checkpoint fields are train.py's)."""
-    from model.checkpoint import FORMAT, save_checkpoint
+    from model.training.checkpoint import FORMAT, save_checkpoint
     from model.config import to_dict
     from model import GPT
 
@@ -55,7 +55,6 @@ def run_dir(tmp_path_factory):
 @pytest.mark.slow
 def test_after_train_py(monkeypatch, capsys, tmp_path):
     """The real sequence: train.train writes out/default, then `python sample.py` with no arguments."""
-    pytest.importorskip("model.flops")  # train.py needs it (another branch until merged)
     import train as train_mod
     (tmp_path / "corpus.txt").write_text(TEXT)
     dataset = prepare("file", "char", tmp_path / "data" / "tiny_char", input_path=tmp_path / "corpus.txt",
@@ -222,7 +221,7 @@ def hf_folder(tmp_path_factory):
 @needs_bpe
 def test_hf_folder_greedy_matches_transformers(monkeypatch, capsys, hf_folder, tmp_path):
     folder, hf = hf_folder
-    from model.tokenizer import gpt2_tokenizer
+    from model.training.tokenizer import gpt2_tokenizer
     tok = gpt2_tokenizer(BPE_FILE)
     code, out, err = cli(monkeypatch, capsys, tmp_path, "--hf", str(folder), "--bpe-file", str(BPE_FILE),
                          "--start", "Hello, world", "--temperature", "0", "--num-samples", "1",
@@ -254,7 +253,7 @@ def test_hf_without_tokenizer_offline(monkeypatch, capsys, hf_folder, tmp_path):
 
 @needs_bpe
 def test_stream_printer_holds_back_split_characters():
-    from model.tokenizer import gpt2_tokenizer
+    from model.training.tokenizer import gpt2_tokenizer
     tok = gpt2_tokenizer(BPE_FILE)
     text = "naïve café 🙂 — 日本語"
     ids = tok.encode(text)

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.sampling import (apply_temperature, ban_repeated_ngrams, check_logits, greedy, next_token, sample,
+from model.gpt.sampling import (apply_temperature, ban_repeated_ngrams, check_logits, greedy, next_token, sample,
                             top_k_filter, top_p_filter)
 
 NEG_INF = float("-inf")

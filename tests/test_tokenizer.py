@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.data import pydoc_text
-from model.tokenizer import (GPT2_EOT, R50K_SHA256, R50K_URL, RANKS_FILE, CharTokenizer, Tokenizer,
+from model.training.data import pydoc_text
+from model.training.tokenizer import (GPT2_EOT, R50K_SHA256, R50K_URL, RANKS_FILE, CharTokenizer, Tokenizer,
                              TiktokenTokenizer, bpe_tokenizer, gpt2_tokenizer, load_ranks, load_tokenizer,
                              pretokenize, ranks_bytes, ranks_from_merges, sha256_file, tiktoken_cache_path,
                              train_bpe)

@@ -14,7 +14,7 @@ import torch
 
 import train as train_mod
 from model import GPT, GPTConfig, TrainConfig
-from model.checkpoint import load_checkpoint, load_model, save_checkpoint
+from model.training.checkpoint import load_checkpoint, load_model, save_checkpoint
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def test_lr_schedule_by_hand():
 
 
 def test_train_checkpoint_load_round_trip(dataset, tmp_path, capsys):
-    from model.flops import train_step_flops
+    from model.flops.formulas import train_step_flops
     model_cfg, cfg = cfgs(dataset, tmp_path / "run")
     summary = train_mod.train(model_cfg, cfg)
     err = capsys.readouterr().err
@@ -69,7 +69,7 @@ def test_train_checkpoint_load_round_trip(dataset, tmp_path, capsys):
 
 def test_cpu_peak_is_measured_again_at_evaluations_and_the_highest_reading_kept(dataset, tmp_path, monkeypatch):
     """A busy start-up reads the CPU peak low (MFU over 100% was seen); later evaluations measure again."""
-    import model.peaks as peaks
+    import model.flops.peaks as peaks
     readings = iter([5e11, 2e11, 3e11, 1e11])
     monkeypatch.setattr(peaks, "cpu_peak", lambda: (1e9, "a low start-up reading"))
     monkeypatch.setattr(peaks, "measure_cpu_peak", lambda: next(readings))
@@ -77,7 +77,7 @@ def test_cpu_peak_is_measured_again_at_evaluations_and_the_highest_reading_kept(
     model_cfg, cfg = cfgs(dataset, tmp_path / "run", peak_flops=0.0)
     summary = train_mod.train(model_cfg, cfg)  # evaluations at steps 0, 3, 6: three new readings
     assert summary["peak_flops"] == 5e11
-    from model.flops import train_step_flops
+    from model.flops.formulas import train_step_flops
     assert summary["mfu"] == pytest.approx(train_step_flops(model_cfg, 4, 16) / summary["median_step_s"] / 5e11)
 
 
@@ -176,7 +176,7 @@ def test_signal_saves_a_final_checkpoint(sig, code, dataset, tmp_path):
 KILL_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from model.checkpoint import save_checkpoint
+from model.training.checkpoint import save_checkpoint
 big = torch.arange(4_000_000, dtype=torch.float32)
 i = 1
 while True:
@@ -238,7 +238,7 @@ def test_torchrun_two_ranks_match_one_process_with_accumulation(dataset, tmp_pat
 
 
 def test_compiled_and_ddp_wrappers_save_clean_names():
-    from model.checkpoint import clean_state_dict, load_weights
+    from model.training.checkpoint import clean_state_dict, load_weights
     m = GPT(GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=8))
     compiled = torch.compile(m)  # no compilation happens until it is called
     assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())

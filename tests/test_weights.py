@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from model.weights import hf_config, load_pretrained, save_nanogpt, to_hf_gpt2
+from model.gpt.weights import hf_config, load_pretrained, save_nanogpt, to_hf_gpt2
 
 transformers = pytest.importorskip("transformers")
 

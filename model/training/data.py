@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import read_json
+from ..config import read_json
 from .tokenizer import (RANKS_FILE, TOKENIZERS, CharTokenizer, TiktokenTokenizer, Tokenizer, bpe_tokenizer,
                         gpt2_tokenizer, sha256_file)
 

@@ -10,8 +10,9 @@ import math
 import re
 from decimal import Decimal, InvalidOperation
 
-from . import approximations, flops
-from .config import GPTConfig
+from . import approximations
+from . import formulas as flops
+from ..config import GPTConfig
 
 # Powers of ten and the names used for compute at that scale ("exascale" = 10^18 up to 10^21 FLOPs).
 SCALES = ((10 ** 24, "yottascale"), (10 ** 21, "zettascale"), (10 ** 18, "exascale"), (10 ** 15, "petascale"),

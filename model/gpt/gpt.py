@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .config import GPTConfig
+from ..config import GPTConfig
 
 
 def sinusoidal_table(n_pos: int, n_embd: int) -> torch.Tensor:
@@ -377,7 +377,7 @@ class GPT(nn.Module):
     def configure_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float],
                             device_type: str = "cpu") -> torch.optim.AdamW:
         """AdamW with decoupled weight decay on 2-D weights (matmuls, embeddings) only, none on biases/LN."""
-        from .optim import AdamW
+        from ..training.optim import AdamW
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]

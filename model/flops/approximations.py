@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import flops as exact
-from .config import GPTConfig
+from . import formulas as exact
+from ..config import GPTConfig
 
 
 def six_n(cfg: GPTConfig, tokens: int, non_embedding: bool = False) -> int:

@@ -39,7 +39,7 @@ def cpu_process_settings() -> bool:
 def resolve_matmul_precision(name: str, device_type: str) -> str:
     """TrainConfig.matmul_precision -> a torch.set_float32_matmul_precision value. "auto" is "high" on CUDA
     (TF32, as nanoGPT sets it) and "highest" on the CPU, where full fp32 keeps runs identical across CPUs."""
-    from .config import MATMUL_PRECISIONS
+    from ..config import MATMUL_PRECISIONS
     if name not in MATMUL_PRECISIONS:
         raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {name!r}")
     if name == "auto":

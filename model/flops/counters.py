@@ -34,10 +34,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import GPTConfig
-from .flops import (ADD, ATTN_SCALE, CROSS_ENTROPY_PER_LOGIT, CROSS_ENTROPY_PER_ROW, GELU_ERF, GELU_TANH,
+from ..config import GPTConfig
+from .formulas import (ADD, ATTN_SCALE, CROSS_ENTROPY_PER_LOGIT, CROSS_ENTROPY_PER_ROW, GELU_ERF, GELU_TANH,
                     LAYER_NORM_CORE, MATMUL_COMPONENTS, SOFTMAX)
-from .gpt import GPT
+from ..gpt.gpt import GPT
 
 # Linear layers by module-name suffix -> matmul component.
 LINEAR_COMPONENTS = (("attn.c_attn", "qkv"), ("attn.c_proj", "attn_proj"), ("mlp.c_fc", "mlp_up"),

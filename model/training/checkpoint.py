@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import GPTConfig
-from .gpt import GPT
+from ..config import GPTConfig
+from ..gpt.gpt import GPT
 
 FORMAT = "flopgpt-1"
 

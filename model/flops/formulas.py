@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import GPTConfig
+from ..config import GPTConfig
 
 MATMUL_COMPONENTS = ("qkv", "attn_scores", "attn_values", "attn_proj", "mlp_up", "mlp_down", "lm_head")
 

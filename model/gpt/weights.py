@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .config import GPTConfig, read_json
+from ..config import GPTConfig, read_json
 from .gpt import GPT
 
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")

@@ -1,0 +1,1 @@
+"""FLOP accounting: exact formulas, the two counters, the papers' approximations, peaks, the planner."""

@@ -1,0 +1,1 @@
+"""The GPT itself: the network, sampling and beam search, loading pretrained weights."""

@@ -1,0 +1,1 @@
+"""Training machinery: corpora and datasets, tokenizers, checkpoints, the optimizer, process settings."""
