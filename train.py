@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import GPT
-from model.cli import duration, human, report_errors, resolve_device
+from model.cli import DEFAULT_CONFIG, duration, human, report_errors, resolve_device
 from model.config import GPTConfig, TrainConfig, build, help_lines, parse_overrides, read_toml, to_dict
 from model.flops import peaks
 from model.flops.formulas import train_step_flops
@@ -36,7 +36,6 @@ from model.training.optim import clip_and_step
 from model.training.runtime import cpu_process_settings, describe_matmul_precision, matmul_precision
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CONFIG = ROOT / "configs" / "default.toml"
 RECALIBRATE_S = 30.0  # CPU peak: the least time between calibrations at evaluations
 USAGE = "usage: python train.py [CONFIG.toml] [--key=value ...]   (python train.py --help lists the keys)"
 
@@ -567,7 +566,7 @@ def print_help(argv: list[str]) -> None:
     if "vocab_size" not in values:
         meta = dataset / "meta.json"
         values["vocab_size"] = load_meta(dataset)["vocab_size"] if meta.is_file() else "<meta.json>"
-    source = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}" if path else "the defaults"
+    source = "the defaults" if path is None else path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     print(__doc__.strip() + "\n\n" + USAGE + "\n")
     print(f"Keys, with the values of {source}{' and the overrides given' if overrides else ''} "
           f"(docs/config.md describes them all):")

@@ -308,6 +308,9 @@ def markdown_reference(file_values: dict[str, Any], file_name: str, classes=(GPT
              "Every key of `train.py` (and the model keys of `flops.py`): `--key=value` on the command line, "
              "`key = value` in a TOML config file; a command-line value wins over the file's. `python train.py "
              "[CONFIG.toml] --help` lists the same keys with the values that run would use.", "",
+             f"The `{file_name}` column holds the values of `python train.py` with no arguments; where it is "
+             "empty, the run uses the default. `vocab_size` comes from the dataset's meta.json unless a config "
+             "sets it.", "",
              "This file is generated from the dataclasses in `model/config.py`: "
              "`python -m model.cli config-doc > docs/config.md` (a test checks that it is current).", ""]
     for cls in classes:
