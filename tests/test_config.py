@@ -190,6 +190,7 @@ def test_check_accepts_the_edges_it_includes():
     assert check("p", 1.0, float, low=0, high=1, open_low=True) == 1.0
     assert check("d", 0, float, low=0, high=1, open_high=True) == 0
     assert check("c", "b", choices=("a", "b")) == "b"
+    assert check("n", 10**400, low=1) == 10**400  # compared as an int, never converted to a float
 
 
 def test_every_key_has_a_one_line_description():
