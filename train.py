@@ -466,9 +466,8 @@ def write_record(run: Run, record: dict, flush: bool = False) -> None:
 # ---- evaluation and checkpoints
 
 def evaluate_and_checkpoint(run: Run) -> None:
-    """Evaluate both splits, record and print the losses, save last.pt (and best.pt on a new best val loss);
-    on a CPU without a given peak, calibrate the peak again (at most every RECALIBRATE_S, the highest kept):
-    one busy moment at start-up would otherwise read it low for the whole run."""
+    """Evaluate both splits, record and print the losses, save last.pt (and best.pt on a new best val loss),
+    then give the CPU peak another reading."""
     losses = evaluate(run.eval_model, run.eval_loaders, run.cfg.eval_iters, run.autocast, run.dist, run.device)
     run.last_losses = losses
     if run.dist.master:
@@ -477,6 +476,12 @@ def evaluate_and_checkpoint(run: Run) -> None:
         run.bar.write(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
                       file=sys.stderr)  # stdout stays clean
         save_checkpoints(run, new_best=losses["val"] < run.best_val)
+    recalibrate_peak(run)
+
+
+def recalibrate_peak(run: Run) -> None:
+    """On a CPU without a given peak: measure it again, at most every RECALIBRATE_S, and keep the highest
+    reading; one busy moment at start-up would otherwise read it low for the whole run (MFU over 100%)."""
     if run.device.type == "cpu" and not run.cfg.peak_flops and \
             time.perf_counter() - run.calibrated_at >= RECALIBRATE_S:
         run.peak, run.calibrated_at = max(run.peak, peaks.measure_cpu_peak()), time.perf_counter()
