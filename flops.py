@@ -82,8 +82,10 @@ def report(cfg, batch: int, seq_len: int) -> dict:
     tt = torch_count(cfg, batch, seq_len, train=True, model=model)  # forward read before the backward
     components = {name: {"analytic": fwd.matmul[name], "fvcore": fv.matmul[name],
                          "torch": tt.components.get(name)} for name in flops.MATMUL_COMPONENTS}
-    components["attention"] = {"analytic": fwd.attention, "fvcore": fv.matmul["attn_scores"]
-                               + fv.matmul["attn_values"], "torch": tt.components["attention"]}
+    # aggregates overlap the components, so they live apart: the components alone sum to the total
+    aggregates = {"attention": {"of": ["attn_scores", "attn_values"], "analytic": fwd.attention,
+                                "fvcore": fv.matmul["attn_scores"] + fv.matmul["attn_values"],
+                                "torch": tt.components["attention"]}}
     ops = [op for op in fwd.non_matmul] + [op for op in fv.non_matmul if op not in fwd.non_matmul]
     return {
         "config": asdict(cfg),
@@ -92,7 +94,7 @@ def report(cfg, batch: int, seq_len: int) -> dict:
         "params": {"total": flops.params_total(cfg), "non_embedding": flops.params_non_embedding(cfg),
                    "kaplan_12Ld2": flops.params_kaplan(cfg)},
         "forward": {"analytic": fwd.total, "fvcore": fv.total, "fvcore_macs": fv.macs, "torch": tt.forward,
-                    "causal": fwd.causal_total, "components": components,
+                    "causal": fwd.causal_total, "components": components, "aggregates": aggregates,
                     "non_matmul": {op: {"analytic": fwd.non_matmul.get(op), "fvcore": fv.non_matmul.get(op, 0)}
                                    for op in ops}},
         "train_step": {"analytic": train.total, "torch": tt.total, "causal": train.causal_total,
@@ -102,6 +104,11 @@ def report(cfg, batch: int, seq_len: int) -> dict:
                            for name, a in approximations.audit(cfg, batch, seq_len).items()},
         "fvcore_unsupported_ops": fv.unsupported,
     }
+
+
+def dump_json(obj) -> str:
+    """Strict JSON: a NaN or an infinity is an error here, never a token other parsers reject."""
+    return json.dumps(obj, indent=2, allow_nan=False)
 
 
 def _n(x) -> str:
@@ -125,8 +132,10 @@ def render(rep: dict, note: str) -> str:
              "",
              "forward, matmul FLOPs (attention on the full T x T square, as dense kernels and both counters do it)",
              f"{'component':<26}{'analytic':>20}{'fvcore (2 x MACs)':>20}{'torch':>20}{'max diff':>12}"]
-    for name, row in f["components"].items():
-        label = "attention (scores+values)" if name == "attention" else name
+    rows = [(name, row) for name, row in f["components"].items()]
+    rows += [(f"{name} ({'+'.join(p.split('_')[1] for p in row['of'])})", row) for name, row in f["aggregates"].items()]
+    for label, row in rows:
+        row = {k: v for k, v in row.items() if k != "of"}
         lines.append(f"{label:<26}{_n(row['analytic']):>20}{_n(row['fvcore']):>20}{_n(row['torch']):>20}"
                      f"{_diff(row):>12}")
     total = {"analytic": f["analytic"], "fvcore": f["fvcore"], "torch": f["torch"]}
@@ -257,7 +266,7 @@ def plot_sweep(rows: list[dict], cfg, out_dir: Path) -> list[Path]:
     T = [r["seq_len"] for r in pts]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5.5))
     styles = {"6N": "-", "6N_nonembedding": "-", "kaplan_forward": "-", "kaplan_train": ":", "palm": "-",
-              "chinchilla": "-"}
+              "chinchilla": "-", "chinchilla_table": "--"}
     for k, ls in styles.items():
         ax.plot(T, [r[f"ratio_{k}"] for r in pts], marker="o", ms=3, ls=ls, lw=2.5 if ls == ":" else 1.5,
                 label=k + (" (= kaplan_forward)" if k == "kaplan_train" else ""))
@@ -294,14 +303,15 @@ def duration(seconds: float) -> str:
 
 
 def resolve_peak(device: str | None, peak: float | None) -> tuple[float, str]:
-    from model.flops.peaks import cpu_peak, peak_by_key
+    from model.flops.peaks import device_peak, peak_by_key
     if peak is not None:
         if not (math.isfinite(peak) and peak > 0):
             raise ValueError(f"--peak-flops must be a positive FLOP/s, got {peak!r}")
         return peak, "given (--peak-flops)"
     name = device or "cpu"
     if name.lower() == "cpu":
-        return cpu_peak()
+        cpu = device_peak("cpu")
+        return cpu.flops, cpu.source
     entry = peak_by_key(name)
     return entry.flops, entry.note
 
@@ -350,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
         if args.plan:
             result = plan(cfg, T, args)
-            print(json.dumps(result, indent=2) if args.json else render_plan(result))
+            print(dump_json(result) if args.json else render_plan(result))
             return 0
         if args.tokens is not None or args.device is not None or args.peak_flops is not None or args.mfu is not None:
             raise ValueError("--tokens, --device, --peak-flops and --mfu need --plan")
@@ -361,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = report(cfg, args.batch_size, T)
         rep["vocab_source"] = note
         rep["seconds"] = round(time.perf_counter() - start, 3)
-        print(json.dumps(rep, indent=2) if args.json else render(rep, note) +
+        print(dump_json(rep) if args.json else render(rep, note) +
               f"\n\ncounted in {rep['seconds']:.2f} s (after Python started; meta tensors)")
         return 0
     except (ValueError, FileNotFoundError) as e:
