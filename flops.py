@@ -40,6 +40,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--device", help="planner device: cpu (calibrated) or a GPU short name (h100, a100, ...)")
     p.add_argument("--peak-flops", "--peak_flops", type=float, help="planner peak FLOP/s (overrides --device)")
     p.add_argument("--mfu", type=float, default=None, help="planner model FLOPs utilization (default 0.4)")
+    p.add_argument("--paper", metavar="NAME", help="a paper's own table reproduced: gpt3, chinchilla, kaplan, "
+                                                   "palm, megatron, nanogpt")
+    p.add_argument("--profile", action="store_true", help="time forward, backward and optimizer step per "
+                                                          "component on this device (writes a PNG with --out)")
+    p.add_argument("--out", metavar="PNG", help="--profile: where to write the FLOP-share vs time-share plot")
     args, rest = p.parse_known_args(argv)
     for arg in rest:
         if not arg.startswith("--"):
@@ -346,6 +351,37 @@ def render_plan(p: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# --paper
+
+def _g(x) -> str:
+    if x is None:
+        return "—"
+    return f"{x:,}" if isinstance(x, int) and abs(x) < 10 ** 15 else f"{x:.4g}"
+
+
+def render_paper(table: dict) -> str:
+    lines = [f"{table['paper']}: {table['source']}",
+             f"{'row':<52}{'published':>14}{'ours':>14}{'exact':>14}{'ours/pub':>10}{'exact/pub':>10}"]
+    notes = []
+    for r in table["rows"]:
+        ratio = "—" if r["exact_over_published"] is None else f"{r['exact_over_published']:.4f}"
+        lines.append(f"{r['name'][:51]:<52}{_g(r['published']):>14}{_g(r['ours']):>14}{_g(r['exact']):>14}"
+                     f"{r['ours_over_published']:>10.4f}{ratio:>10}")
+        notes.append(f"  {r['name']}: {r['convention']}")
+    return "\n".join(lines + ["", "conventions (ours = the paper's convention applied to our formulas; exact = "
+                                   "this project's matmul count):"] + notes)
+
+
+def run_paper(args) -> int:
+    from model.flops.papers import paper_table
+    if args.plan or args.profile or args.sweep:
+        raise ValueError("--paper takes no --plan, --profile or --sweep")
+    table = paper_table(args.paper)
+    print(dump_json(table) if args.json else render_paper(table))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
@@ -358,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--seq-len={T} must be in [1, block_size={cfg.block_size}]")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
+        if args.paper is not None:
+            return run_paper(args)
+        if args.profile:
+            return run_profile(cfg, args, T)
         if args.plan:
             result = plan(cfg, T, args)
             print(dump_json(result) if args.json else render_plan(result))
