@@ -382,6 +382,52 @@ def run_paper(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# --profile
+
+def profile_device(name: str | None):
+    import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"--profile runs on this machine: --device must be cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    return torch.device(name)
+
+
+def render_profile(r: dict) -> str:
+    lines = [f"profile: {r['device']}, batch {r['batch_size']} x seq_len {r['seq_len']}, mean of {r['steps']} "
+             f"profiled training steps (forward + backward + clip + AdamW); attention: {r['attention']}",
+             f"{'component':<17}{'FLOPs':>18}{'ms':>10}{'GFLOP/s':>10}{'FLOPs %':>9}{'time %':>8}"]
+    for row in r["rows"]:
+        rate = "—" if row["flops_per_s"] is None else f"{row['flops_per_s'] / 1e9:,.1f}"
+        lines.append(f"{row['component']:<17}{row['flops']:>18,}{row['seconds'] * 1e3:>10.2f}{rate:>10}"
+                     f"{row['flop_share']:>9.1%}{row['time_share']:>8.1%}")
+    lines += [f"{'step (profiled)':<17}{r['all_flops']:>18,}{r['step_seconds'] * 1e3:>10.2f}",
+              f"unprofiled step {r['unprofiled_step_seconds'] * 1e3:.2f} ms: {r['model_flops']:,} matmul FLOPs "
+              f"(the MFU count) at {r['flops_per_s'] / 1e9:,.1f} GFLOP/s = MFU {r['mfu']:.1%} of "
+              f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_source']})",
+              "FLOPs of non-matmul rows follow formulas.py's per-element conventions; 'other' is the step time no "
+              "component claims (residual adds, embedding, Python, the per-op timer)"]
+    return "\n".join(lines + r["peak_messages"])
+
+
+def run_profile(cfg, args, seq_len: int) -> int:
+    from model.flops.peaks import device_peak
+    from model.flops.profile import plot_profile, profile_step
+    if args.plan or args.sweep or args.tokens is not None or args.mfu is not None:
+        raise ValueError("--profile takes no --plan, --sweep, --tokens or --mfu")
+    device = profile_device(args.device)
+    result = profile_step(cfg, args.batch_size, seq_len, device, device_peak(device, args.peak_flops or 0.0))
+    out = Path(args.out or "flops_profile.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_profile(result, out)
+    result["png"] = str(out)
+    print(dump_json(result) if args.json else render_profile(result) + f"\nwrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
