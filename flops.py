@@ -44,6 +44,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                                    "palm, megatron, nanogpt")
     p.add_argument("--profile", action="store_true", help="time forward, backward and optimizer step per "
                                                           "component on this device (writes a PNG with --out)")
+    p.add_argument("--peak", action="store_true", help="the peak FLOP/s MFU uses on this machine, and its source")
+    p.add_argument("--recalibrate", action="store_true", help="--peak: measure the CPU calibration again "
+                                                              "(best of 5 trials) and replace the cached one")
     p.add_argument("--out", metavar="PNG", help="--profile: where to write the FLOP-share vs time-share plot")
     args, rest = p.parse_known_args(argv)
     for arg in rest:
@@ -382,6 +385,33 @@ def run_paper(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# --peak
+
+def run_peak(args) -> int:
+    import torch
+    from model.flops.peaks import cache_path, calibrated_cpu_peak, device_peak, hardware_cpu_peak
+    if not args.peak:
+        raise ValueError("--recalibrate goes with --peak")
+    device = profile_device(args.device)
+    result = {"device": str(device)}
+    if device.type == "cpu":
+        precision = torch.get_float32_matmul_precision()
+        hardware = hardware_cpu_peak(precision=precision)
+        calibrated = calibrated_cpu_peak(recalibrate=args.recalibrate, measure=args.recalibrate or hardware is None)
+        result.update({"hardware_flops": hardware and hardware.flops, "hardware_source": hardware and hardware.source,
+                       "calibrated_flops": calibrated and calibrated.flops,
+                       "calibrated_source": calibrated and calibrated.source, "cache": str(cache_path())})
+    peak = device_peak(device, args.peak_flops or 0.0)
+    result.update({"peak_flops": peak.flops, "peak_source": peak.source, "peak_messages": peak.messages})
+    if args.json:
+        print(dump_json(result))
+        return 0
+    lines = [f"{k}: {v}" for k, v in result.items() if k not in ("peak_messages",) and v is not None]
+    print("\n".join(lines + peak.messages))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # --profile
 
 def profile_device(name: str | None):
@@ -440,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--seq-len={T} must be in [1, block_size={cfg.block_size}]")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
+        if args.peak or args.recalibrate:
+            return run_peak(args)
         if args.paper is not None:
             return run_paper(args)
         if args.profile:

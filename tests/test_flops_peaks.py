@@ -153,3 +153,16 @@ def test_device_peak_cpu_takes_a_calibration_above_the_hardware_figure(tmp_path,
     assert device_peak("cpu", 5e12).source == "given (peak_flops)"
     with pytest.raises(ValueError):
         device_peak("cpu", -1.0)
+
+
+def test_cli_peak_names_its_source_and_recalibrates(tmp_path, monkeypatch, capsys):
+    import json
+    import flops as cli
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(peaks, "measure_cpu_peak", lambda n=1024, repeats=5: 7e9)
+    monkeypatch.setattr(peaks.time, "sleep", lambda s: None)
+    assert cli.main(["--peak", "--recalibrate", "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["calibrated_flops"] == 7e9 and out["peak_flops"] >= 7e9 and out["peak_source"]
+    assert out["cache"] == str(tmp_path / "flopgpt" / "cpu_peak.json")
+    assert cli.main(["--recalibrate"]) == 2
