@@ -359,18 +359,20 @@ def render_plan(p: dict) -> str:
 def _g(x) -> str:
     if x is None:
         return "—"
-    return f"{x:,}" if isinstance(x, int) and abs(x) < 10 ** 15 else f"{x:.4g}"
+    return f"{x:,}" if isinstance(x, int) and abs(x) < 10 ** 12 else f"{x:.4g}"
 
 
 def render_paper(table: dict) -> str:
+    rows = table["rows"]
     lines = [f"{table['paper']}: {table['source']}",
-             f"{'row':<52}{'published':>14}{'ours':>14}{'exact':>14}{'ours/pub':>10}{'exact/pub':>10}"]
+             f"{'row':<50}{'published':>16}{'ours':>16}{'exact':>16}{'ours/pub':>10}{'exact/pub':>10}"]
     notes = []
-    for r in table["rows"]:
+    for i, r in enumerate(rows):
         ratio = "—" if r["exact_over_published"] is None else f"{r['exact_over_published']:.4f}"
-        lines.append(f"{r['name'][:51]:<52}{_g(r['published']):>14}{_g(r['ours']):>14}{_g(r['exact']):>14}"
+        lines.append(f"{r['name'][:49]:<50}{_g(r['published']):>16}{_g(r['ours']):>16}{_g(r['exact']):>16}"
                      f"{r['ours_over_published']:>10.4f}{ratio:>10}")
-        notes.append(f"  {r['name']}: {r['convention']}")
+        if i == 0 or r["convention"] != rows[i - 1]["convention"]:  # a run of rows sharing one is listed once
+            notes.append(f"  {r['name']}: {r['convention']}")
     return "\n".join(lines + ["", "conventions (ours = the paper's convention applied to our formulas; exact = "
                                    "this project's matmul count):"] + notes)
 
