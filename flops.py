@@ -1,8 +1,12 @@
 """Count the model's FLOPs three ways (analytic formulas, fvcore, torch FlopCounterMode) and audit the
-famous approximations; plan the compute of a training run.
+famous approximations; plan the compute of a training run; reproduce the papers' own FLOP tables; time a
+training step per component; show the peak FLOP/s behind MFU.
 
     python flops.py [CONFIG.toml] [--key=value ...] [--batch-size B] [--seq-len T] [--json] [--sweep OUT_DIR]
     python flops.py [CONFIG.toml] --plan --tokens N [--device NAME | --peak-flops F] [--mfu M] [--json]
+    python flops.py --paper gpt3|chinchilla|kaplan|palm|megatron|nanogpt [--json]
+    python flops.py [CONFIG.toml] --profile [--batch-size B] [--device cpu|cuda] [--out PNG] [--json]
+    python flops.py --peak [--recalibrate] [--json]
 
 FLOPs = 2 per multiply-add everywhere. No config = GPT-2 124M (GPTConfig defaults). Measurements run on
 meta tensors: exact, and fast (no weights are allocated).
@@ -19,7 +23,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 USAGE = ("python flops.py [CONFIG.toml] [--key=value ...] [--batch-size B] [--seq-len T] [--json] "
-         "[--sweep OUT_DIR] | --plan --tokens N [--device NAME | --peak-flops F] [--mfu M]")
+         "[--sweep OUT_DIR] | --plan --tokens N [--device NAME | --peak-flops F] [--mfu M] | --paper NAME | "
+         "--profile [--out PNG] | --peak [--recalibrate]")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -486,7 +486,7 @@ def evaluate_and_checkpoint(run: Run) -> None:
         save_checkpoints(run, new_best=losses["val"] < run.best_val)
     if run.device.type == "cpu" and not run.cfg.peak_flops and \
             time.perf_counter() - run.calibrated_at >= RECALIBRATE_S:
-        run.peak.mfu(peaks.measure_cpu_peak() * run.dist.world)  # a faster reading raises the peak
+        run.peak.raise_to(peaks.measure_cpu_peak() * run.dist.world)  # a faster reading proves the peak low
         run.calibrated_at = time.perf_counter()
 
 

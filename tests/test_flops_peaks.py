@@ -102,6 +102,8 @@ def test_peak_mfu_never_above_one_and_raises_with_a_message():
         with pytest.raises(ValueError):
             Peak(bad, "x")
     assert Peak(1e9, "x").scaled(4).flops == 4e9
+    q = Peak(1e9, "x")
+    assert q.raise_to(1e9) is False and q.messages == [] and q.raise_to(2e9) is True and q.flops == 2e9
 
 
 @pytest.mark.parametrize("info,precision,per_cycle", [

@@ -6,10 +6,13 @@ are the vendors' dense figures (datasheets list "with sparsity" figures, marked 
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -161,15 +164,22 @@ class Peak:
 
     def mfu(self, flops_per_s: float) -> float:
         """flops_per_s / peak in [0, 1]; a rate above the peak first becomes the peak."""
-        if not (isinstance(flops_per_s, (int, float)) and math.isfinite(flops_per_s) and flops_per_s >= 0):
-            raise ValueError(f"flops_per_s must be a finite number >= 0, got {flops_per_s!r}")
-        if flops_per_s > self.flops:
-            old, old_source = self.flops, self.source
-            self.flops = float(flops_per_s)
-            self.source = f"raised to a measured {flops_per_s / 1e9:,.1f} GFLOP/s (was {old / 1e9:,.1f}: {old_source})"
-            self.messages.append(f"measured {flops_per_s / 1e9:,.1f} GFLOP/s exceeds the peak {old / 1e9:,.1f} "
-                                 f"GFLOP/s ({old_source}); the peak is raised to the measured rate")
+        self.raise_to(flops_per_s)
         return flops_per_s / self.flops
+
+    def raise_to(self, flops_per_s: float) -> bool:
+        """Make a measured rate above the peak the peak, with a message saying so; True if it was raised."""
+        if isinstance(flops_per_s, bool) or not (isinstance(flops_per_s, (int, float)) and
+                                                 math.isfinite(flops_per_s) and flops_per_s >= 0):
+            raise ValueError(f"flops_per_s must be a finite number >= 0, got {flops_per_s!r}")
+        if flops_per_s <= self.flops:
+            return False
+        old, old_source = self.flops, self.source
+        self.flops = float(flops_per_s)
+        self.source = f"raised to a measured {flops_per_s / 1e9:,.1f} GFLOP/s (was {old / 1e9:,.1f}: {old_source})"
+        self.messages.append(f"measured {flops_per_s / 1e9:,.1f} GFLOP/s exceeds the peak {old / 1e9:,.1f} "
+                             f"GFLOP/s ({old_source}); the peak is raised to the measured rate")
+        return True
 
     def scaled(self, k: int) -> Peak:
         """The peak of k such devices (data-parallel ranks)."""
@@ -236,7 +246,6 @@ def hardware_cpu_peak(info: dict | None = None, cores: int | None = None, precis
 
 
 def _cores_used() -> int:
-    import os
     import torch
     try:
         available = len(os.sched_getaffinity(0))
@@ -245,10 +254,8 @@ def _cores_used() -> int:
     return max(1, min(torch.get_num_threads(), available))
 
 
-def cache_path() -> "Path":
+def cache_path() -> Path:
     """$XDG_CACHE_HOME/flopgpt/cpu_peak.json, else ~/.cache/flopgpt/cpu_peak.json."""
-    import os
-    from pathlib import Path
     root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(root) / "flopgpt" / "cpu_peak.json"
 
@@ -259,8 +266,7 @@ def _calibration_key(precision: str) -> str:
     return f"{model} | {_cores_used()} threads | torch {torch.__version__} | matmul precision {precision}"
 
 
-def _read_cache(path) -> dict:
-    import json
+def _read_cache(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -273,7 +279,6 @@ def calibrated_cpu_peak(recalibrate: bool = False, trials: int = 5, measure: boo
     cannot set the figure), cached per CPU model, thread count, torch version and matmul precision in
     cache_path(). recalibrate=True measures again and replaces the cached figure; measure=False only reads
     the cache (None when it holds nothing for this machine)."""
-    import json
     import torch
     precision = torch.get_float32_matmul_precision()
     path, key = cache_path(), _calibration_key(precision)
@@ -322,5 +327,5 @@ def device_peak(device, override: float = 0.0, recalibrate: bool = False) -> Pea
     if hardware is None:
         return calibrated
     if calibrated is not None:
-        hardware.mfu(calibrated.flops)  # a calibration above the hardware figure raises it, with a message
+        hardware.raise_to(calibrated.flops)  # a calibration above the hardware figure proves it low
     return hardware

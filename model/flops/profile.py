@@ -102,13 +102,16 @@ class _OpTimer(TorchDispatchMode):
 
 
 def _hook(model: GPT, timer: _OpTimer) -> list:
+    """Forward and full-backward hooks that keep timer.stack on the component whose module is running."""
+    def pop(*args) -> None:  # a hook that returned a value would replace the module's output
+        timer.stack.pop()
+
     handles = []
     for name, module in model.named_modules():
         component = next((c for suffix, c in MODULES if name.endswith(suffix)), None)
         if component is None:
             continue
         push = (lambda c: lambda *a: timer.enter(c))(component)
-        pop = lambda *a: timer.stack.pop() and None  # noqa: E731 (a hook must return None)
         handles += [module.register_forward_pre_hook(push), module.register_forward_hook(pop),
                     module.register_full_backward_pre_hook(push), module.register_full_backward_hook(pop)]
     return handles
