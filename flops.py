@@ -1,8 +1,12 @@
 """Count the model's FLOPs three ways (analytic formulas, fvcore, torch FlopCounterMode) and audit the
-famous approximations; plan the compute of a training run.
+famous approximations; plan the compute of a training run; reproduce the papers' own FLOP tables; time a
+training step per component; show the peak FLOP/s behind MFU.
 
     python flops.py [CONFIG.toml] [--key=value ...] [--batch-size B] [--seq-len T] [--json] [--sweep OUT_DIR]
     python flops.py [CONFIG.toml] --plan --tokens N [--device NAME | --peak-flops F] [--mfu M] [--json]
+    python flops.py --paper gpt3|chinchilla|kaplan|palm|megatron|nanogpt [--json]
+    python flops.py [CONFIG.toml] --profile [--batch-size B] [--device cpu|cuda] [--out PNG] [--json]
+    python flops.py --peak [--recalibrate] [--json]
 
 FLOPs = 2 per multiply-add everywhere. No config = GPT-2 124M (GPTConfig defaults). Measurements run on
 meta tensors: exact, and fast (no weights are allocated).
@@ -19,7 +23,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 USAGE = ("python flops.py [CONFIG.toml] [--key=value ...] [--batch-size B] [--seq-len T] [--json] "
-         "[--sweep OUT_DIR] | --plan --tokens N [--device NAME | --peak-flops F] [--mfu M]")
+         "[--sweep OUT_DIR] | --plan --tokens N [--device NAME | --peak-flops F] [--mfu M] | --paper NAME | "
+         "--profile [--out PNG] | --peak [--recalibrate]")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +60,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--device", help="planner device: cpu (calibrated) or a GPU short name (h100, a100, ...)")
     p.add_argument("--peak-flops", "--peak_flops", type=float, help="planner peak FLOP/s (overrides --device)")
     p.add_argument("--mfu", type=float, default=None, help="planner model FLOPs utilization (default 0.4)")
+    p.add_argument("--paper", metavar="NAME", help="a paper's own table reproduced: gpt3, chinchilla, kaplan, "
+                                                   "palm, megatron, nanogpt")
+    p.add_argument("--profile", action="store_true", help="time forward, backward and optimizer step per "
+                                                          "component on this device (writes a PNG with --out)")
+    p.add_argument("--peak", action="store_true", help="the peak FLOP/s MFU uses on this machine, and its source")
+    p.add_argument("--recalibrate", action="store_true", help="--peak: measure the CPU calibration again "
+                                                              "(best of 5 trials) and replace the cached one")
+    p.add_argument("--out", metavar="PNG", help="--profile: where to write the FLOP-share vs time-share plot")
     args, rest = p.parse_known_args(argv)
     for arg in rest:
         if not arg.startswith("--"):
@@ -97,8 +110,10 @@ def report(cfg, batch: int, seq_len: int) -> dict:
     tt = torch_count(cfg, batch, seq_len, train=True, model=model)  # forward read before the backward
     components = {name: {"analytic": fwd.matmul[name], "fvcore": fv.matmul[name],
                          "torch": tt.components.get(name)} for name in flops.MATMUL_COMPONENTS}
-    components["attention"] = {"analytic": fwd.attention, "fvcore": fv.matmul["attn_scores"]
-                               + fv.matmul["attn_values"], "torch": tt.components["attention"]}
+    # aggregates overlap the components, so they live apart: the components alone sum to the total
+    aggregates = {"attention": {"of": ["attn_scores", "attn_values"], "analytic": fwd.attention,
+                                "fvcore": fv.matmul["attn_scores"] + fv.matmul["attn_values"],
+                                "torch": tt.components["attention"]}}
     ops = [op for op in fwd.non_matmul] + [op for op in fv.non_matmul if op not in fwd.non_matmul]
     return {
         "config": asdict(cfg),
@@ -107,7 +122,7 @@ def report(cfg, batch: int, seq_len: int) -> dict:
         "params": {"total": flops.params_total(cfg), "non_embedding": flops.params_non_embedding(cfg),
                    "kaplan_12Ld2": flops.params_kaplan(cfg)},
         "forward": {"analytic": fwd.total, "fvcore": fv.total, "fvcore_macs": fv.macs, "torch": tt.forward,
-                    "causal": fwd.causal_total, "components": components,
+                    "causal": fwd.causal_total, "components": components, "aggregates": aggregates,
                     "non_matmul": {op: {"analytic": fwd.non_matmul.get(op), "fvcore": fv.non_matmul.get(op, 0)}
                                    for op in ops}},
         "train_step": {"analytic": train.total, "torch": tt.total, "causal": train.causal_total,
@@ -117,6 +132,11 @@ def report(cfg, batch: int, seq_len: int) -> dict:
                            for name, a in approximations.audit(cfg, batch, seq_len).items()},
         "fvcore_unsupported_ops": fv.unsupported,
     }
+
+
+def dump_json(obj) -> str:
+    """Strict JSON: a NaN or an infinity is an error here, never a token other parsers reject."""
+    return json.dumps(obj, indent=2, allow_nan=False)
 
 
 def _n(x) -> str:
@@ -140,8 +160,10 @@ def render(rep: dict, note: str) -> str:
              "",
              "forward, matmul FLOPs (attention on the full T x T square, as dense kernels and both counters do it)",
              f"{'component':<26}{'analytic':>20}{'fvcore (2 x MACs)':>20}{'torch':>20}{'max diff':>12}"]
-    for name, row in f["components"].items():
-        label = "attention (scores+values)" if name == "attention" else name
+    rows = [(name, row) for name, row in f["components"].items()]
+    rows += [(f"{name} ({'+'.join(p.split('_')[1] for p in row['of'])})", row) for name, row in f["aggregates"].items()]
+    for label, row in rows:
+        row = {k: v for k, v in row.items() if k != "of"}
         lines.append(f"{label:<26}{_n(row['analytic']):>20}{_n(row['fvcore']):>20}{_n(row['torch']):>20}"
                      f"{_diff(row):>12}")
     total = {"analytic": f["analytic"], "fvcore": f["fvcore"], "torch": f["torch"]}
@@ -276,7 +298,7 @@ def plot_ratios(rows: list[dict], title: str, out_dir: Path) -> Path:
     T = [r["seq_len"] for r in pts]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5.5))
     styles = {"6N": "-", "6N_nonembedding": "-", "kaplan_forward": "-", "kaplan_train": ":", "palm": "-",
-              "chinchilla": "-"}
+              "chinchilla": "-", "chinchilla_table": "--"}
     for k, ls in styles.items():
         ax.plot(T, [r[f"ratio_{k}"] for r in pts], marker="o", ms=3, ls=ls, lw=2.5 if ls == ":" else 1.5,
                 label=k + (" (= kaplan_forward)" if k == "kaplan_train" else ""))
@@ -302,14 +324,15 @@ def plot_ratios(rows: list[dict], title: str, out_dir: Path) -> Path:
 # --plan
 
 def resolve_peak(device: str | None, peak: float | None) -> tuple[float, str]:
-    from model.flops.peaks import cpu_peak, peak_by_key
+    from model.flops.peaks import device_peak, peak_by_key
     if peak is not None:
         if not (math.isfinite(peak) and peak > 0):
             raise ValueError(f"--peak-flops must be a positive FLOP/s, got {peak!r}")
         return peak, "given (--peak-flops)"
     name = device or "cpu"
     if name.lower() == "cpu":
-        return cpu_peak()
+        cpu = device_peak("cpu")
+        return cpu.flops, cpu.source
     entry = peak_by_key(name)
     return entry.flops, entry.note
 
@@ -345,6 +368,112 @@ def render_plan(p: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
+# --paper
+
+def _g(x) -> str:
+    if x is None:
+        return "—"
+    return f"{x:,}" if isinstance(x, int) and abs(x) < 10 ** 12 else f"{x:.4g}"
+
+
+def render_paper(table: dict) -> str:
+    rows = table["rows"]
+    lines = [f"{table['paper']}: {table['source']}",
+             f"{'row':<50}{'published':>16}{'ours':>16}{'exact':>16}{'ours/pub':>10}{'exact/pub':>10}"]
+    notes = []
+    for i, r in enumerate(rows):
+        ratio = "—" if r["exact_over_published"] is None else f"{r['exact_over_published']:.4f}"
+        lines.append(f"{r['name'][:49]:<50}{_g(r['published']):>16}{_g(r['ours']):>16}{_g(r['exact']):>16}"
+                     f"{r['ours_over_published']:>10.4f}{ratio:>10}")
+        if i == 0 or r["convention"] != rows[i - 1]["convention"]:  # a run of rows sharing one is listed once
+            notes.append(f"  {r['name']}: {r['convention']}")
+    return "\n".join(lines + ["", "conventions (ours = the paper's convention applied to our formulas; exact = "
+                                   "this project's matmul count):"] + notes)
+
+
+def run_paper(args) -> int:
+    from model.flops.papers import paper_table
+    if args.plan or args.profile or args.sweep:
+        raise ValueError("--paper takes no --plan, --profile or --sweep")
+    table = paper_table(args.paper)
+    print(dump_json(table) if args.json else render_paper(table))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# --peak
+
+def run_peak(args) -> int:
+    import torch
+    from model.flops.peaks import cache_path, calibrated_cpu_peak, device_peak, hardware_cpu_peak
+    if not args.peak:
+        raise ValueError("--recalibrate goes with --peak")
+    device = profile_device(args.device)
+    result = {"device": str(device)}
+    if device.type == "cpu":
+        precision = torch.get_float32_matmul_precision()
+        hardware = hardware_cpu_peak(precision=precision)
+        calibrated = calibrated_cpu_peak(recalibrate=args.recalibrate, measure=args.recalibrate or hardware is None)
+        result.update({"hardware_flops": hardware and hardware.flops, "hardware_source": hardware and hardware.source,
+                       "calibrated_flops": calibrated and calibrated.flops,
+                       "calibrated_source": calibrated and calibrated.source, "cache": str(cache_path())})
+    peak = device_peak(device, args.peak_flops or 0.0)
+    result.update({"peak_flops": peak.flops, "peak_source": peak.source, "peak_messages": peak.messages})
+    if args.json:
+        print(dump_json(result))
+        return 0
+    lines = [f"{k}: {v}" for k, v in result.items() if k not in ("peak_messages",) and v is not None]
+    print("\n".join(lines + peak.messages))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# --profile
+
+def profile_device(name: str | None):
+    import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"--profile runs on this machine: --device must be cpu or cuda, got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here")
+    return torch.device(name)
+
+
+def render_profile(r: dict) -> str:
+    lines = [f"profile: {r['device']}, batch {r['batch_size']} x seq_len {r['seq_len']}, mean of {r['steps']} "
+             f"profiled training steps (forward + backward + clip + AdamW); attention: {r['attention']}",
+             f"{'component':<17}{'FLOPs':>18}{'ms':>10}{'GFLOP/s':>10}{'FLOPs %':>9}{'time %':>8}"]
+    for row in r["rows"]:
+        rate = "—" if row["flops_per_s"] is None else f"{row['flops_per_s'] / 1e9:,.1f}"
+        lines.append(f"{row['component']:<17}{row['flops']:>18,}{row['seconds'] * 1e3:>10.2f}{rate:>10}"
+                     f"{row['flop_share']:>9.1%}{row['time_share']:>8.1%}")
+    lines += [f"{'step (profiled)':<17}{r['all_flops']:>18,}{r['step_seconds'] * 1e3:>10.2f}",
+              f"unprofiled step {r['unprofiled_step_seconds'] * 1e3:.2f} ms: {r['model_flops']:,} matmul FLOPs "
+              f"(the MFU count) at {r['flops_per_s'] / 1e9:,.1f} GFLOP/s = MFU {r['mfu']:.1%} of "
+              f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_source']})",
+              "FLOPs of non-matmul rows follow formulas.py's per-element conventions; 'other' is the step time no "
+              "component claims (residual adds, embedding, Python, the per-op timer)"]
+    return "\n".join(lines + r["peak_messages"])
+
+
+def run_profile(cfg, args, seq_len: int) -> int:
+    from model.flops.peaks import device_peak
+    from model.flops.profile import plot_profile, profile_step
+    if args.plan or args.sweep or args.tokens is not None or args.mfu is not None:
+        raise ValueError("--profile takes no --plan, --sweep, --tokens or --mfu")
+    device = profile_device(args.device)
+    result = profile_step(cfg, args.batch_size, seq_len, device, device_peak(device, args.peak_flops or 0.0))
+    out = Path(args.out or "flops_profile.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_profile(result, out)
+    result["png"] = str(out)
+    print(dump_json(result) if args.json else render_profile(result) + f"\nwrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
@@ -357,9 +486,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--seq-len={T} must be in [1, block_size={cfg.block_size}]")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
+        if args.peak or args.recalibrate:
+            return run_peak(args)
+        if args.paper is not None:
+            return run_paper(args)
+        if args.profile:
+            return run_profile(cfg, args, T)
         if args.plan:
             result = plan(cfg, T, args)
-            print(json.dumps(result, indent=2) if args.json else render_plan(result))
+            print(dump_json(result) if args.json else render_plan(result))
             return 0
         if args.tokens is not None or args.device is not None or args.peak_flops is not None or args.mfu is not None:
             raise ValueError("--tokens, --device, --peak-flops and --mfu need --plan")
@@ -370,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         rep = report(cfg, args.batch_size, T)
         rep["vocab_source"] = note
         rep["seconds"] = round(time.perf_counter() - start, 3)
-        print(json.dumps(rep, indent=2) if args.json else render(rep, note) +
+        print(dump_json(rep) if args.json else render(rep, note) +
               f"\n\ncounted in {rep['seconds']:.2f} s (after Python started; meta tensors)")
         return 0
     except (ValueError, FileNotFoundError) as e:

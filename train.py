@@ -193,8 +193,7 @@ class Run:
     step: int = 0
     best_val: float = float("inf")
     resumed_at: int = -1  # the step resumed from: its evaluation is in the checkpoint already
-    peak: float = 0.0  # peak FLOP/s of one process
-    peak_desc: str = ""
+    peak: Any = None  # a peaks.Peak for all ranks together: value, source, raised by any faster reading
     calibrated_at: float = 0.0
     metrics: TextIO | None = None
     bar: Any = None
@@ -232,7 +231,7 @@ class Run:
 
     @property
     def peak_total(self) -> float:
-        return self.peak * self.dist.world
+        return self.peak.flops
 
 
 def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
@@ -278,7 +277,7 @@ def setup(model_cfg, cfg) -> Run:
     build_model(run)
     if ckpt is not None:
         resume(run, ckpt)
-    run.peak, run.peak_desc = peaks.peak_flops(device, cfg.peak_flops)
+    run.peak = peaks.device_peak(device, cfg.peak_flops).scaled(dist.world)
     run.calibrated_at = time.perf_counter()
     return run
 
@@ -376,7 +375,7 @@ def announce(run: Run) -> None:
         print(f"plan: {remaining} steps x {run.tokens_per_step:,} tokens = {plan['tokens']:,} tokens; exact "
               f"training compute {plan['flops']:.4g} FLOPs ({plan['scale']}; 6ND would say "
               f"{plan['flops_6nd']:.4g}); estimated {duration(plan['seconds'])} at {plan['mfu']:.0%} MFU of "
-              f"{human(run.peak_total, 'FLOP/s')} ({run.peak_desc})", file=sys.stderr)
+              f"{human(run.peak_total, 'FLOP/s')} ({run.peak.source})", file=sys.stderr)
 
 
 # ---- the loop
@@ -430,12 +429,19 @@ def train_step(run: Run) -> dict:
     run.step += 1
     run.step_times.append(dt)
     return {"step": run.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "dt_ms": dt * 1e3,
-            "tokens_per_s": run.tokens_per_step / dt, "mfu": progress_mfu(run, dt), "flops": run.flops_per_step}
+            "tokens_per_s": run.tokens_per_step / dt, "mfu": progress_mfu(run, dt), "flops": run.flops_per_step,
+            "flops_per_s": run.flops_per_step / dt}  # MFU against any other peak: flops_per_s / that peak
 
 
 def progress_mfu(run: Run, seconds: float) -> float:
-    """MFU of a step that took `seconds`, against the peak of all ranks (the progress line and step records)."""
-    return peaks.mfu(run.flops_per_step, seconds, run.peak_total)
+    """MFU of a step that took `seconds`, against the peak of all ranks (the progress line and step records):
+    never above 1, since a faster step raises the peak, and rank 0 says so."""
+    mfu = run.peak.mfu(run.flops_per_step / seconds)
+    while run.peak.messages:
+        message = run.peak.messages.pop(0)
+        if run.dist.master:
+            (run.bar.write if run.bar is not None else print)(message, file=sys.stderr)
+    return mfu
 
 
 def check_finite(run: Run, loss: float) -> None:
@@ -484,7 +490,8 @@ def recalibrate_peak(run: Run) -> None:
     reading; one busy moment at start-up would otherwise read it low for the whole run (MFU over 100%)."""
     if run.device.type == "cpu" and not run.cfg.peak_flops and \
             time.perf_counter() - run.calibrated_at >= RECALIBRATE_S:
-        run.peak, run.calibrated_at = max(run.peak, peaks.measure_cpu_peak()), time.perf_counter()
+        run.peak.raise_to(peaks.measure_cpu_peak() * run.dist.world)  # a faster reading proves the peak low
+        run.calibrated_at = time.perf_counter()
 
 
 def checkpoint_state(run: Run) -> dict:
@@ -533,7 +540,8 @@ def summarize(run: Run) -> dict:
     if run.dist.master:
         print(f"done: {done} steps, {summary['tokens']:,} tokens, {summary['flops']:.4g} FLOPs achieved in "
               f"{duration(elapsed)} (median {median_dt * 1e3:.1f} ms/step, {summary['tokens_per_s']:,.0f} tok/s, "
-              f"MFU {summary['mfu']:.1%} of {human(run.peak_total, 'FLOP/s')}); best val loss {run.best_val:.4f}; "
+              f"MFU {summary['mfu']:.1%} of {human(run.peak_total, 'FLOP/s')}, {run.peak.source}); best val loss "
+              f"{run.best_val:.4f}; "
               f"checkpoints in {run.out_dir}", file=sys.stderr)
     return summary
 

@@ -14,13 +14,14 @@ out). Each variant runs in its own process, with the process settings of the pro
 for: flopgpt's workers apply train.py's (model/runtime.py, glibc's allocator keeping freed memory), the baseline's
 none. Variants are timed in alternating blocks of steps (repeats) after warm-up steps; each row reports the
 median step time, tokens/s, model FLOP/s (exact FLOPs from model.flops.formulas.train_step_flops, 2 per multiply-add) and
-MFU against the peak from model.flops.peaks (on CPU a calibrated large fp32 matmul), and its speed relative to the
+MFU against the peak from model.flops.peaks.device_peak (on CPU the hardware figure, cores x clock x FMA width;
+a row faster than the peak raises it and says so), and its speed relative to the
 baseline: the median over repeats of the ratio of the two programs' median step times in that repeat's blocks
 (timed seconds apart), with the range of those ratios. The machine may be shared: compare ratios, not absolute numbers.
 
 On CPUs with bf16 matmul units (AMX, AVX512-BF16) two more rows run both steps with float32 matmul precision
 "medium" (bf16 inputs, fp32 accumulation; train.py's --matmul_precision=medium), their MFU against the bf16
-matmul peak calibrated the same way; --no-bf16-matmuls leaves them out. Recipe (b) on CPU runs at most three
+matmul peak (the bf16 units' figure); --no-bf16-matmuls leaves them out. Recipe (b) on CPU runs at most three
 processes (5.5-6 GB each): there the flopgpt bf16-mm row replaces "flopgpt manual" (with dropout on, CPU 'sdpa'
 takes the manual path anyway) and the nanoGPT-style bf16-mm row is left out.
 """
@@ -336,8 +337,8 @@ def _worker(conn, runner: str, cfg_fields: dict, batch_size: int, dataset: str, 
 
 
 def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dtype: str,
-                 peaks: dict[str, float]) -> list[dict]:
-    """Time every variant of `recipe`; `peaks` maps each float32 matmul precision to its peak FLOP/s (MFU of a
+                 peaks: dict) -> list[dict]:
+    """Time every variant of `recipe`; `peaks` maps each float32 matmul precision to its peaks.Peak (MFU of a
     bf16-matmul row is against the bf16 matmul peak)."""
     import multiprocessing as mp
     from dataclasses import asdict
@@ -382,7 +383,7 @@ def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dty
         flops = train_step_flops(row["cfg"], batch_size, shape["block_size"])
         speedup, low, high = paired_speedup(rows[0]["blocks"], row["blocks"])
         out.append({"recipe": recipe, "variant": row["label"], "ms": dt * 1e3, "tokens_per_s": tokens / dt,
-                    "flops_per_s": flops / dt, "mfu": flops / dt / peaks[row["precision"]], "speedup": speedup,
+                    "flops_per_s": flops / dt, "mfu": peaks[row["precision"]].mfu(flops / dt), "speedup": speedup,
                     "speedup_range": (low, high), "steps_timed": sum(map(len, row["blocks"])),
                     "setup_s": row["setup_s"]})
     return out
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = parse_args(argv)
         import torch
         from model.training.data import ensure_dataset, load_meta
-        from model.flops.peaks import peak_flops
+        from model.flops.peaks import device_peak
         from train import resolve_device, resolve_dtype
         device = resolve_device(opts["device"])
         dataset = ensure_dataset(opts["dataset"] or default_dataset())
@@ -449,17 +450,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dtype = resolve_dtype("auto", device)
-    peak, peak_desc = peak_flops(device, 0.0)
+    peak = device_peak(device)  # a peaks.Peak: a row faster than it raises it (and says so), so MFU <= 100%
     peaks = {"highest": peak, "high": peak}
     bf16_note = ""
     if device.type == "cpu" and opts["bf16_matmuls"] and bf16_cpu_matmuls_available():
         from model.training.runtime import matmul_precision
         with matmul_precision("medium", "cpu"):
-            peaks["medium"], _ = peak_flops(device, 0.0)  # calibrated again: the bf16 matmul peak
-        bf16_note = f"; bf16-mm rows: matmul_precision=medium, bf16 matmul peak {peaks['medium'] / 1e9:,.1f} GFLOP/s"
+            peaks["medium"] = device_peak(device)  # the bf16 matmul peak
+        bf16_note = f"; bf16-mm rows: matmul_precision=medium, bf16 matmul peak {peaks['medium'].describe()}"
     recipes = opts["recipes"] or (["a"] if opts["quick"] else ["a", "b"])
     print(f"device {device} ({torch.get_num_threads()} threads), {dtype}, torch {torch.__version__}; dataset "
-          f"{dataset} (vocab {meta['vocab_size']}); peak {peak / 1e9:,.1f} GFLOP/s ({peak_desc}){bf16_note}",
+          f"{dataset} (vocab {meta['vocab_size']}); peak {peak.describe()}{bf16_note}",
           flush=True)
     results = []
     for recipe in recipes:
@@ -477,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
             low, high = r["speedup_range"]
             print(f"{r['variant']:24s} {r['ms']:9.2f} {r['tokens_per_s']:10,.0f} {r['flops_per_s'] / 1e9:9.2f} "
                   f"{r['mfu']:7.2%} {r['speedup']:9.2f}x {low:7.2f}-{high:.2f}x", flush=True)
+        for note in {id(p): p for p in peaks.values()}.values():
+            while note.messages:
+                print(note.messages.pop(0), flush=True)
         results += rows
     return 0
 

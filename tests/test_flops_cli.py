@@ -40,12 +40,17 @@ def test_json_shape_and_agreement(capsys):
     assert out["config"]["attention"] == "manual" and (out["batch_size"], out["seq_len"]) == (3, 5)
     exact = flops.forward(cfg, 3, 5)
     comps = out["forward"]["components"]
-    assert set(comps) == set(flops.MATMUL_COMPONENTS) | {"attention"}
+    assert set(comps) == set(flops.MATMUL_COMPONENTS)  # a partition: no aggregate among the parts
+    for counter in ("analytic", "fvcore"):
+        assert sum(row[counter] for row in comps.values()) == out["forward"][counter] == exact.total
+    attention = out["forward"]["aggregates"]["attention"]
+    assert attention["of"] == ["attn_scores", "attn_values"]
+    assert attention["analytic"] == attention["fvcore"] == attention["torch"] == exact.attention
+    assert attention["analytic"] == sum(comps[name]["analytic"] for name in attention["of"])
     for name in flops.MATMUL_COMPONENTS:
         assert comps[name]["analytic"] == comps[name]["fvcore"] == exact.matmul[name]
         if name not in ("attn_scores", "attn_values"):
             assert comps[name]["torch"] == exact.matmul[name]
-    assert comps["attention"]["torch"] == exact.attention
     assert out["forward"]["causal"] == exact.causal_total
     assert {op: v["analytic"] for op, v in out["forward"]["non_matmul"].items()} == exact.non_matmul
     assert out["train_step"]["analytic"] == out["train_step"]["torch"] == 3 * exact.total

@@ -76,3 +76,95 @@ def test_peak_of_this_gpu():
         assert "--peak_flops" in str(e)
     else:
         assert value > 1e13 and torch.cuda.get_device_name() in desc
+
+
+# ----------------------------------------------------------------------------------------------------
+# Peak, the hardware CPU peak, the cached calibration
+
+from model.flops import peaks  # noqa: E402
+from model.flops.peaks import Peak, calibrated_cpu_peak, device_peak, hardware_cpu_peak  # noqa: E402
+
+XEON = {"vendor_id": "GenuineIntel", "cpu family": "6", "cpu MHz": "2000.000",
+        "flags": "fpu sse2 avx avx2 fma avx512f amx_bf16 amx_tile"}
+
+
+def test_peak_mfu_never_above_one_and_raises_with_a_message():
+    p = Peak(100e9, "test")
+    assert p.mfu(50e9) == 0.5 and p.messages == []
+    assert p.mfu(150e9) == 1.0
+    assert p.flops == 150e9 and "raised" in p.source and "test" in p.source
+    assert len(p.messages) == 1 and "exceeds the peak 100.0 GFLOP/s" in p.messages[0]
+    assert p.mfu(75e9) == 0.5  # against the raised peak from now on
+    for bad in (-1.0, math.nan, math.inf, "1"):
+        with pytest.raises(ValueError):
+            p.mfu(bad)
+    for bad in (0.0, -1.0, math.inf, math.nan, True):
+        with pytest.raises(ValueError):
+            Peak(bad, "x")
+    assert Peak(1e9, "x").scaled(4).flops == 4e9
+    q = Peak(1e9, "x")
+    assert q.raise_to(1e9) is False and q.messages == [] and q.raise_to(2e9) is True and q.flops == 2e9
+
+
+@pytest.mark.parametrize("info,precision,per_cycle", [
+    (XEON, "highest", 64), (XEON, "medium", 1024),
+    ({**XEON, "flags": "sse2 avx avx2 fma"}, "highest", 32), ({**XEON, "flags": "sse2 avx"}, "highest", 16),
+    ({**XEON, "flags": "sse2 avx avx2 fma avx512f avx512_bf16"}, "medium", 128),
+    ({**XEON, "flags": "sse2 avx avx2 fma avx512f"}, "medium", 64),  # no bf16 unit: the fp32 figure
+    ({"vendor_id": "AuthenticAMD", "cpu family": "25", "flags": "avx2 fma avx512f"}, "highest", 32),  # Zen 4
+    ({"vendor_id": "AuthenticAMD", "cpu family": "26", "flags": "avx2 fma avx512f"}, "highest", 64),  # Zen 5
+])
+def test_hardware_cpu_peak_is_cores_x_clock_x_flops_per_cycle(info, precision, per_cycle):
+    p = hardware_cpu_peak(info, cores=2, precision=precision, clock=(2.5e9, "given"))
+    assert p.flops == 2 * 2.5e9 * per_cycle and f"{per_cycle} FLOPs/cycle" in p.source and "2 cores" in p.source
+
+
+def test_hardware_cpu_peak_unknown_without_flags_or_clock(monkeypatch):
+    monkeypatch.setattr(peaks, "_max_clock_hz", lambda: None)
+    assert hardware_cpu_peak({}, cores=2) is None
+    assert hardware_cpu_peak({"flags": "avx2 fma"}, cores=2) is None  # no clock
+    p = hardware_cpu_peak({"flags": "avx2 fma", "cpu MHz": "3000"}, cores=1)
+    assert p.flops == 3e9 * 32 and "max clock unknown" in p.source
+
+
+def test_calibration_is_best_of_trials_cached_per_machine_and_recalibrated(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    readings = iter([1e9, 3e9, 2e9, 5e9, 4e9, 9e9])
+    monkeypatch.setattr(peaks, "measure_cpu_peak", lambda n=1024, repeats=5: next(readings))
+    monkeypatch.setattr(peaks.time, "sleep", lambda s: None)
+    first = calibrated_cpu_peak(trials=3)
+    assert first.flops == 3e9 and "best of 3 trials" in first.source
+    assert (tmp_path / "flopgpt" / "cpu_peak.json").is_file()
+    assert calibrated_cpu_peak(trials=3).flops == 3e9  # cached: nothing measured
+    assert calibrated_cpu_peak(recalibrate=True, trials=2).flops == 5e9  # 5e9, 4e9: measured again, replaced
+    assert calibrated_cpu_peak().flops == 5e9
+    (tmp_path / "flopgpt" / "cpu_peak.json").write_text("{not json")
+    assert calibrated_cpu_peak(measure=False) is None  # a corrupt cache is ignored
+
+
+def test_device_peak_cpu_takes_a_calibration_above_the_hardware_figure(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(peaks, "hardware_cpu_peak", lambda precision="highest": Peak(1e9, "hw"))
+    monkeypatch.setattr(peaks, "measure_cpu_peak", lambda n=1024, repeats=5: 2e9)
+    monkeypatch.setattr(peaks.time, "sleep", lambda s: None)
+    assert device_peak("cpu").flops == 1e9  # no calibration cached: the hardware figure, nothing measured
+    p = device_peak("cpu", recalibrate=True)
+    assert p.flops == 2e9 and "raised" in p.source and p.messages
+    monkeypatch.setattr(peaks, "hardware_cpu_peak", lambda precision="highest": None)
+    assert device_peak("cpu").flops == 2e9  # unknown hardware: the cached calibration
+    assert device_peak("cpu", 5e12).source == "given (peak_flops)"
+    with pytest.raises(ValueError):
+        device_peak("cpu", -1.0)
+
+
+def test_cli_peak_names_its_source_and_recalibrates(tmp_path, monkeypatch, capsys):
+    import json
+    import flops as cli
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(peaks, "measure_cpu_peak", lambda n=1024, repeats=5: 7e9)
+    monkeypatch.setattr(peaks.time, "sleep", lambda s: None)
+    assert cli.main(["--peak", "--recalibrate", "--device", "cpu", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["calibrated_flops"] == 7e9 and out["peak_flops"] >= 7e9 and out["peak_source"]
+    assert out["cache"] == str(tmp_path / "flopgpt" / "cpu_peak.json")
+    assert cli.main(["--recalibrate"]) == 2

@@ -1,5 +1,6 @@
 """Compute planner (model/planner.py and `flops.py --plan`)."""
 import json
+import math
 
 import pytest
 
@@ -20,6 +21,41 @@ SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=23)
 ])
 def test_scale_classes_at_their_boundaries(value, name):
     assert scale_class(value) == name
+
+
+@pytest.mark.parametrize("value,name", [
+    (1e21, "zettascale"), (1e24, "yottascale"), (1e18, "exascale"),  # the float below 10^24 reads as 1e24
+    (math.nextafter(1e24, 0), "zettascale"), (math.nextafter(1e21, 0), "exascale"),
+    (9.999999999999999e23, "zettascale"), (1.0000000000000001e24, "yottascale"),
+])
+def test_scale_class_of_floats_is_the_decimal_they_print_as(value, name):
+    assert scale_class(value) == name
+
+
+def test_plans_without_a_finite_answer_are_value_errors():
+    with pytest.raises(ValueError, match="beyond the largest float"):
+        plan_run(SMALL, 10 ** 400, 8, 1e12, 0.4)
+    for peak, mfu in ((1e-320, 0.4), (5e-324, 0.4), (1e12, 1e-320)):
+        with pytest.raises(ValueError, match="no finite plan"):
+            plan_run(SMALL, 300 * 10 ** 9, 8, peak, mfu)
+
+
+@pytest.mark.parametrize("extra", [["--tokens", "1e400"], ["--tokens", "300B", "--peak-flops", "1e-320"],
+                                   ["--tokens", "300B", "--peak-flops", "1e-320", "--json"],
+                                   ["--tokens", "1B", "--mfu", "1e-320"], ["--tokens", "1B", "--peak-flops", "nan"],
+                                   ["--tokens", "1B", "--peak-flops", "inf"]])
+def test_cli_plans_without_a_finite_answer_exit_2(extra, capsys):
+    assert flops_cli.main(["--plan", *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and captured.err.startswith("flops.py: error:")
+
+
+def test_plan_json_is_strict(capsys):
+    assert flops_cli.main(["--plan", "--tokens", "1e300", "--peak-flops", "1e12", "--json"]) == 2
+    capsys.readouterr()
+    assert flops_cli.main(["--plan", "--tokens", "1e30", "--peak-flops", "1e12", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert out["scale"] == "yottascale" and out["seconds"] == pytest.approx(out["flops"] / 4e11)
 
 
 @pytest.mark.parametrize("text,tokens", [

@@ -71,7 +71,8 @@ def test_cpu_peak_is_measured_again_at_evaluations_and_the_highest_reading_kept(
     """A busy start-up reads the CPU peak low (MFU over 100% was seen); later evaluations measure again."""
     import model.flops.peaks as peaks
     readings = iter([5e11, 2e11, 3e11, 1e11])
-    monkeypatch.setattr(peaks, "cpu_peak", lambda: (1e9, "a low start-up reading"))
+    monkeypatch.setattr(peaks, "hardware_cpu_peak", lambda precision="highest": peaks.Peak(1e9, "a low start-up figure"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no calibration cached from earlier runs
     monkeypatch.setattr(peaks, "measure_cpu_peak", lambda: next(readings))
     monkeypatch.setattr(train_mod, "RECALIBRATE_S", 0.0)
     model_cfg, cfg = cfgs(dataset, tmp_path / "run", peak_flops=0.0)

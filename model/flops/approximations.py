@@ -38,22 +38,27 @@ def palm(cfg: GPTConfig, seq_len: int, tokens: int) -> int:
     return per_token * tokens
 
 
-def chinchilla_forward_sequence(cfg: GPTConfig, seq_len: int) -> int:
+def chinchilla_forward_sequence(cfg: GPTConfig, seq_len: int, table_form: bool = False,
+                                ffw_size: int | None = None) -> int:
     """Hoffmann et al. 2022 (Chinchilla), App. F, forward FLOPs of one sequence of seq_len tokens:
         embeddings       2·S·V·d          (as a one-hot matmul; our lookup costs 0)
         per layer:  QKV  2·3·S·d·(Q·H)    logits 2·S·S·(Q·H)    softmax 3·H·S·S
-                    reductions 2·S·S·(Q·H)    projection 2·S·(Q·H)·d    dense 2·S·(d·4d + d·4d)
+                    reductions 2·S·S·(Q·H)    projection 2·S·(Q·H)·d    dense 2·S·(d·F + d·F), F = 4d here
         final logits     2·S·d·V
-    total = embeddings + L·(attention + dense) + logits; the backward is 2 × forward."""
+    The text's total is embeddings + L·(attention + dense) + logits. table_form=True leaves out the
+    embeddings and final logits: the only form that reproduces the paper's own Table A4 ratios (nanoGPT's
+    scaling_laws.ipynb makes the same change, citing correspondence with the authors)."""
     s, d, v, h, qh = seq_len, cfg.n_embd, cfg.vocab_size, cfg.n_head, cfg.n_head * cfg.head_dim
+    f = 4 * d if ffw_size is None else ffw_size
     attention = 2 * 3 * s * d * qh + 2 * s * s * qh + 3 * h * s * s + 2 * s * s * qh + 2 * s * qh * d
-    dense = 2 * s * (d * 4 * d + d * 4 * d)
-    return 2 * s * v * d + cfg.n_layer * (attention + dense) + 2 * s * d * v
+    dense = 2 * s * (d * f + d * f)
+    ends = 0 if table_form else 2 * s * v * d + 2 * s * d * v
+    return ends + cfg.n_layer * (attention + dense)
 
 
-def chinchilla_train(cfg: GPTConfig, seq_len: int, sequences: int) -> int:
+def chinchilla_train(cfg: GPTConfig, seq_len: int, sequences: int, table_form: bool = False) -> int:
     """Chinchilla App. F training FLOPs: 3 × forward (backward = 2 × forward), per sequence."""
-    return 3 * chinchilla_forward_sequence(cfg, seq_len) * sequences
+    return 3 * chinchilla_forward_sequence(cfg, seq_len, table_form) * sequences
 
 
 def blog_forward(cfg: GPTConfig, seq_len: int) -> int:
@@ -101,7 +106,10 @@ def audit(cfg: GPTConfig, batch: int, seq_len: int) -> dict[str, Audit]:
         "palm": Audit(palm(cfg, seq_len, tokens), train, "train step",
                       "PaLM App. B: 6N + 12·L·H·Q·T per token"),
         "chinchilla": Audit(chinchilla_train(cfg, seq_len, batch), train, "train step",
-                            "Chinchilla App. F: embeddings + L·(attention + dense) + logits, × 3"),
+                            "Chinchilla App. F as its text reads: embeddings + L·(attention + dense) + logits, × 3"),
+        "chinchilla_table": Audit(chinchilla_train(cfg, seq_len, batch, table_form=True), train, "train step",
+                                  "Chinchilla App. F as Table A4 computed it: L·(attention + dense), × 3 "
+                                  "(no embedding or logits terms; see --paper chinchilla)"),
         "blog_per_token": Audit(blog_forward(cfg, seq_len) * tokens, fwd, "forward",
                                 "blog: E·V + L·(8E²S + 4EHS + HS²) per token, times B·T tokens"),
         "blog_next_token": Audit(blog_forward(cfg, seq_len) * batch, uncached, "uncached next-token step",

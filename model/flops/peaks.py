@@ -6,10 +6,13 @@ are the vendors' dense figures (datasheets list "with sparsity" figures, marked 
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -140,3 +143,189 @@ def mfu(flops_per_step: float, step_seconds: float, peak: float) -> float:
     if flops_per_step < 0:
         raise ValueError(f"flops_per_step must be >= 0, got {flops_per_step!r}")
     return flops_per_step / step_seconds / peak
+
+
+# ----------------------------------------------------------------------------------------------------
+# A peak that holds: the hardware's own figure where it can be known, a cached calibration otherwise, raised
+# (and said so) whenever a measured rate proves it low, so MFU never exceeds 1.
+
+@dataclass
+class Peak:
+    """Peak FLOP/s and where it came from. `mfu(rate)` raises the peak to any measured rate above it (a rate
+    the machine reached proves the peak low) and records a message, so the MFU it returns stays in [0, 1]."""
+    flops: float
+    source: str
+    messages: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if isinstance(self.flops, bool) or not (isinstance(self.flops, (int, float)) and math.isfinite(self.flops)
+                                                and self.flops > 0):
+            raise ValueError(f"peak must be a positive finite FLOP/s, got {self.flops!r}")
+
+    def mfu(self, flops_per_s: float) -> float:
+        """flops_per_s / peak in [0, 1]; a rate above the peak first becomes the peak."""
+        self.raise_to(flops_per_s)
+        return flops_per_s / self.flops
+
+    def raise_to(self, flops_per_s: float) -> bool:
+        """Make a measured rate above the peak the peak, with a message saying so; True if it was raised."""
+        if isinstance(flops_per_s, bool) or not (isinstance(flops_per_s, (int, float)) and
+                                                 math.isfinite(flops_per_s) and flops_per_s >= 0):
+            raise ValueError(f"flops_per_s must be a finite number >= 0, got {flops_per_s!r}")
+        if flops_per_s <= self.flops:
+            return False
+        old, old_source = self.flops, self.source
+        self.flops = float(flops_per_s)
+        self.source = f"raised to a measured {flops_per_s / 1e9:,.1f} GFLOP/s (was {old / 1e9:,.1f}: {old_source})"
+        self.messages.append(f"measured {flops_per_s / 1e9:,.1f} GFLOP/s exceeds the peak {old / 1e9:,.1f} "
+                             f"GFLOP/s ({old_source}); the peak is raised to the measured rate")
+        return True
+
+    def scaled(self, k: int) -> Peak:
+        """The peak of k such devices (data-parallel ranks)."""
+        return self if k == 1 else Peak(self.flops * k, f"{k} x {self.source}")
+
+    def describe(self) -> str:
+        return f"{self.flops / 1e9:,.1f} GFLOP/s ({self.source})"
+
+
+# fp32 FLOPs per cycle per core of the widest FMA unit named in the flags: lanes x 2 FLOPs x 2 FMA pipes.
+# Zen 4 (AMD family 25) runs 512-bit ops on 256-bit pipes: half the AVX-512 figure.
+_FP32_PER_CYCLE = (("avx512f", 64, "AVX-512 FMA, 2 pipes x 16 fp32 lanes"),
+                   ("fma", 32, "AVX2 FMA, 2 pipes x 8 fp32 lanes"),
+                   ("avx", 16, "AVX, 8-lane add + 8-lane multiply"),
+                   ("sse2", 8, "SSE2, 4-lane add + 4-lane multiply"))
+# Under matmul precision "medium" oneDNN feeds bf16 to these units (fp32 accumulate).
+_BF16_PER_CYCLE = (("amx_bf16", 1024, "AMX bf16 tiles"),
+                   ("avx512_bf16", 128, "AVX512-BF16 dot products, 2 pipes x 32 bf16 pairs"))
+
+
+def read_cpuinfo(path: str = "/proc/cpuinfo") -> dict:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none: not Linux)."""
+    try:
+        text = open(path).read()
+    except OSError:
+        return {}
+    info = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        info[key.strip()] = value.strip()
+    return info
+
+
+def _max_clock_hz() -> tuple[float, str] | None:
+    try:  # cpufreq gives the highest clock; VMs often have no cpufreq, and then the max is unknown
+        return int(open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read()) * 1e3, "cpufreq max"
+    except (OSError, ValueError):
+        return None
+
+
+def hardware_cpu_peak(info: dict | None = None, cores: int | None = None, precision: str = "highest",
+                      clock: tuple[float, str] | None = None) -> Peak | None:
+    """cores x clock x FLOPs/cycle of the widest vector FMA unit the flags name (two full-width pipes
+    assumed, as on Intel Xeon Gold/Platinum and AMD Zen 5). The clock is cpufreq's max, else /proc/cpuinfo's
+    "cpu MHz" (the current clock: in a VM the boost clock is unknown, so a run can beat it and raise it).
+    None when the flags or the clock are unknown (not Linux x86)."""
+    info = read_cpuinfo() if info is None else info
+    flags = set(info.get("flags", "").split())
+    clock = clock or _max_clock_hz()
+    if clock is None and info.get("cpu MHz"):
+        clock = float(info["cpu MHz"]) * 1e6, "/proc/cpuinfo cpu MHz (max clock unknown)"
+    table = list(_FP32_PER_CYCLE)
+    if precision == "medium":
+        table = list(_BF16_PER_CYCLE) + table
+    unit = next(((f, per, what) for f, per, what in table if f in flags), None)
+    if unit is None or clock is None:
+        return None
+    flag, per_cycle, what = unit
+    if flag.startswith("avx512") and info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25":
+        per_cycle, what = per_cycle // 2, what + ", double-pumped on Zen 4"
+    cores = cores or _cores_used()
+    return Peak(cores * clock[0] * per_cycle, f"CPU hardware: {cores} cores x {clock[0] / 1e9:.3f} GHz "
+                                              f"({clock[1]}) x {per_cycle} FLOPs/cycle ({what})")
+
+
+def _cores_used() -> int:
+    import torch
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:
+        available = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), available))
+
+
+def cache_path() -> Path:
+    """$XDG_CACHE_HOME/flopgpt/cpu_peak.json, else ~/.cache/flopgpt/cpu_peak.json."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "flopgpt" / "cpu_peak.json"
+
+
+def _calibration_key(precision: str) -> str:
+    import torch
+    model = read_cpuinfo().get("model name", "unknown CPU")
+    return f"{model} | {_cores_used()} threads | torch {torch.__version__} | matmul precision {precision}"
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def calibrated_cpu_peak(recalibrate: bool = False, trials: int = 5, measure: bool = True) -> Peak | None:
+    """The best of `trials` short calibrations (measure_cpu_peak, a pause between them so one busy moment
+    cannot set the figure), cached per CPU model, thread count, torch version and matmul precision in
+    cache_path(). recalibrate=True measures again and replaces the cached figure; measure=False only reads
+    the cache (None when it holds nothing for this machine)."""
+    import torch
+    precision = torch.get_float32_matmul_precision()
+    path, key = cache_path(), _calibration_key(precision)
+    cache = _read_cache(path)
+    entry = cache.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0 \
+            and not recalibrate:
+        return Peak(float(entry["flops"]), f"CPU calibrated {entry.get('when', '')}: best of {entry.get('trials')} "
+                                           f"trials, cached in {path}")
+    if not measure:
+        return None
+    best = 0.0
+    for i in range(trials):
+        if i:
+            time.sleep(0.05)
+        best = max(best, measure_cpu_peak(repeats=3))
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    cache[key] = {"flops": best, "trials": trials, "when": when}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cache, indent=1, allow_nan=False))
+    except OSError:  # a read-only home still gets a peak, only uncached
+        pass
+    return Peak(best, f"CPU calibrated {when}: best of {trials} trials, cached in {path}")
+
+
+def device_peak(device, override: float = 0.0, recalibrate: bool = False) -> Peak:
+    """The Peak for MFU on `device`. override > 0 wins. CUDA: the dense bf16 table (vendor datasheets).
+    CPU: the hardware figure (hardware_cpu_peak), raised to a cached calibration above it; where the
+    hardware cannot be read, the cached calibration (measured once per machine and torch version)."""
+    import torch
+    if isinstance(override, bool) or not isinstance(override, (int, float)) or not math.isfinite(override) \
+            or override < 0:
+        raise ValueError(f"peak_flops override must be a finite number >= 0, got {override!r}")
+    if override > 0:
+        return Peak(float(override), "given (peak_flops)")
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        entry = gpu_peak(name)
+        return Peak(entry.flops, f"{name}: {entry.note}, vendor datasheet")
+    if device.type != "cpu":
+        raise ValueError(f"no peak FLOP/s known for device type {device.type!r}; pass --peak_flops=<FLOP/s>")
+    hardware = hardware_cpu_peak(precision=torch.get_float32_matmul_precision())
+    calibrated = calibrated_cpu_peak(recalibrate, measure=hardware is None or recalibrate)
+    if hardware is None:
+        return calibrated
+    if calibrated is not None:
+        hardware.raise_to(calibrated.flops)  # a calibration above the hardware figure proves it low
+    return hardware

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from decimal import Decimal, InvalidOperation
 
 from . import approximations
@@ -19,16 +20,20 @@ SCALES = ((10 ** 24, "yottascale"), (10 ** 21, "zettascale"), (10 ** 18, "exasca
           (10 ** 12, "terascale"), (10 ** 9, "gigascale"), (10 ** 6, "megascale"), (10 ** 3, "kiloscale"))
 SUFFIXES = {"k": 10 ** 3, "m": 10 ** 6, "b": 10 ** 9, "g": 10 ** 9, "t": 10 ** 12}
 DEFAULT_MFU = 0.4
+FLOAT_MAX = sys.float_info.max
 
 
 def scale_class(total_flops: int | float) -> str:
     """yottascale for >= 10^24 FLOPs, zettascale for [10^21, 10^24), exascale for [10^18, 10^21), ... down
-    to kiloscale for [10^3, 10^6); below 10^3 "sub-kiloscale"."""
+    to kiloscale for [10^3, 10^6); below 10^3 "sub-kiloscale". Compared with the integer thresholds exactly:
+    a float counts as the decimal it prints as (repr), so 1e24 is 10^24 although the binary float is a little
+    below it."""
     if isinstance(total_flops, bool) or not isinstance(total_flops, (int, float)) or total_flops < 0 \
             or not math.isfinite(total_flops):
         raise ValueError(f"FLOPs must be a finite number >= 0, got {total_flops!r}")
+    value = Decimal(total_flops) if isinstance(total_flops, int) else Decimal(repr(total_flops))
     for threshold, name in SCALES:
-        if total_flops >= threshold:
+        if value >= threshold:
             return name
     return "sub-kiloscale"
 
@@ -75,6 +80,7 @@ def plan_run(config: GPTConfig, tokens: int, seq_len: int, peak_flops: float, mf
     total = sequences * per_sequence
     six_nd = approximations.six_n(config, tokens)
     palm = approximations.palm(config, seq_len, tokens)
+    seconds = _finite_seconds(total, tokens, peak_flops, mfu)
     return {
         "tokens": tokens,
         "seq_len": seq_len,
@@ -88,10 +94,24 @@ def plan_run(config: GPTConfig, tokens: int, seq_len: int, peak_flops: float, mf
         "ratio_palm": palm / total,
         "peak_flops": float(peak_flops),
         "mfu": float(mfu),
-        "seconds": total / (peak_flops * mfu),
+        "seconds": seconds,
         "scale": scale_class(total),
         "per_generated_token": {
             "cached": flops.decode_step(config, 1, seq_len - 1).total,
             "uncached": flops.step(config, 1, seq_len, 0, last_only=True).total,
         },
     }
+
+
+def _finite_seconds(total: int, tokens: int, peak_flops: float, mfu: float) -> float:
+    """total / (peak_flops · mfu), or ValueError naming the input when the compute or the time is not a finite
+    float (a number JSON and the tables cannot hold)."""
+    if total > FLOAT_MAX:
+        raise ValueError(f"tokens={Decimal(tokens):.3e}: the training compute ({Decimal(total):.3e} FLOPs) is "
+                         f"beyond the largest float ({FLOAT_MAX:.3e}); no finite plan")
+    rate = peak_flops * mfu
+    seconds = total / rate if rate > 0 else math.inf
+    if not math.isfinite(seconds):
+        raise ValueError(f"peak_flops={peak_flops!r} at mfu={mfu!r}: {total:.3e} FLOPs would take longer than the "
+                         f"largest float of seconds; no finite plan")
+    return seconds

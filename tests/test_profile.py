@@ -1,0 +1,72 @@
+"""flops.py --profile: per-component FLOPs from the formulas, seconds that add up to the step, MFU <= 1."""
+import json
+
+import pytest
+import torch
+
+import flops as cli
+from model import GPTConfig
+from model.flops import formulas as f
+from model.flops.peaks import Peak
+from model.flops.profile import COMPONENTS, component_flops, profile_step
+
+SMALL = ["--n_layer=2", "--n_head=2", "--n_embd=16", "--block_size=8", "--vocab_size=23", "--dropout=0"]
+
+
+def by_hand(cfg, B, T):
+    """Each row from the single-op formula functions (train step: matmuls 3x, element-wise ops 1 + 2 = 3x)."""
+    tok = B * T
+    return {"qkv": 3 * f.qkv(cfg, tok), "attn_scores": 3 * f.attn_scores(cfg, B, T, T) + 3 * f.attn_scale(cfg, B, T, T),
+            "softmax": 3 * f.softmax(cfg, B, T, T), "attn_values": 3 * f.attn_values(cfg, B, T, T),
+            "attn_proj": 3 * f.attn_proj(cfg, tok), "mlp_up": 3 * f.mlp_up(cfg, tok), "gelu": 3 * f.gelu(cfg, tok),
+            "mlp_down": 3 * f.mlp_down(cfg, tok), "layer_norm": 3 * f.layer_norm(cfg, tok),
+            "lm_head": 3 * f.lm_head(cfg, tok), "cross_entropy": 3 * f.cross_entropy(cfg, tok), "optimizer": 0,
+            "other": 3 * (f.residual_add(cfg, tok) + f.position_add(cfg, tok) + f.bias_add(cfg, tok))
+            + f.embedding_backward(cfg, tok)}
+
+
+def test_component_flops_equal_the_formulas_and_sum_to_the_step():
+    cfg = GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, vocab_size=23)
+    rows = component_flops(cfg, 2, 8, fused=False)
+    assert rows == by_hand(cfg, 2, 8)
+    step = f.train_step(cfg, 2, 8)
+    assert sum(rows.values()) == step.total + step.non_matmul_total
+    fused = component_flops(cfg, 2, 8, fused=True)
+    assert fused["attention_fused"] == rows["attn_scores"] + rows["softmax"] + rows["attn_values"]
+    assert sum(fused.values()) == sum(rows.values())
+
+
+@pytest.mark.parametrize("attention", ["manual", "sdpa"])
+def test_profile_rows_add_up_and_mfu_stays_below_one(attention):
+    cfg = GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=23, dropout=0.0, attention=attention)
+    peak = Peak(1.0, "forced low for the test")  # any real step beats 1 FLOP/s: the peak must be raised
+    r = profile_step(cfg, 2, 8, torch.device("cpu"), peak, steps=2, warmup=1)
+    names = [row["component"] for row in r["rows"]]
+    assert set(names) <= set(COMPONENTS) and names[-1] == "other"
+    if attention == "manual":  # the hand-written attention's ops are split by the softmax between them
+        assert {"attn_scores", "softmax", "attn_values"} <= set(names) and r["attention"] == "separate ops"
+        assert all(row["seconds"] > 0 for row in r["rows"] if row["component"] in ("attn_scores", "attn_values"))
+    expected = component_flops(cfg, 2, 8, fused=r["attention"] == "fused kernel")
+    assert {row["component"]: row["flops"] for row in r["rows"]} == expected
+    assert sum(row["seconds"] for row in r["rows"]) == pytest.approx(r["step_seconds"], rel=1e-9)
+    assert all(row["seconds"] >= 0 for row in r["rows"])
+    assert r["model_flops"] == f.train_step_flops(cfg, 2, 8)
+    assert r["mfu"] == 1.0 and r["peak_flops"] == pytest.approx(r["model_flops"] / r["unprofiled_step_seconds"])
+    assert "raised" in r["peak_source"] and "exceeds the peak" in r["peak_messages"][0]
+
+
+def test_cli_profile_json_schema_and_png(tmp_path, capsys):
+    png = tmp_path / "p.png"
+    assert cli.main([*SMALL, "--batch-size", "2", "--profile", "--json", "--device", "cpu", "--out", str(png)]) == 0
+    out = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+    assert {"rows", "step_seconds", "mfu", "peak_flops", "peak_source"} <= set(out)
+    assert all({"component", "flops", "seconds", "flops_per_s", "flop_share", "time_share"} <= set(r) for r in out["rows"])
+    assert 0 <= out["mfu"] <= 1 and png.stat().st_size > 0
+    assert sum(r["flop_share"] for r in out["rows"]) == pytest.approx(1.0)
+    assert sum(r["time_share"] for r in out["rows"]) == pytest.approx(1.0)
+
+
+def test_cli_profile_bad_inputs(capsys):
+    assert cli.main([*SMALL, "--profile", "--device", "tpu"]) == 2
+    assert "cpu or cuda" in capsys.readouterr().err
+    assert cli.main([*SMALL, "--profile", "--plan"]) == 2
