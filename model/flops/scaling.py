@@ -93,9 +93,9 @@ def ladder(base: GPTConfig, family: Family, budget: int, sizes: int, batch_size:
         raise ValueError(f"budget {budget:.3g} FLOPs is too small for the smallest model (n_layer=1, "
                          f"n_embd={family.aspect}): {min_steps} steps of it take {min_steps * step_flops:.3g} FLOPs")
     if len(valid) < sizes:
+        hint = f"; or --sizes {len(valid)}" if len(valid) >= 3 else ""
         raise ValueError(f"budget {budget:.3g} FLOPs gives only {len(valid)} model size(s) at least {min_steps} "
-                         f"steps (n_layer 1..{len(valid)}); {sizes} sizes need a larger budget or --sizes "
-                         f"{max(3, len(valid))}")
+                         f"steps; {sizes} sizes need a larger budget{hint}")
     centre = min(range(len(valid)), key=lambda i: abs(math.log(valid[i]["tokens"] / valid[i]["params"]
                                                              / tokens_per_param)))
     start = min(max(centre - sizes // 2, 0), len(valid) - sizes)
