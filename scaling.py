@@ -1,7 +1,7 @@
 """Compute-optimal scaling in miniature: IsoFLOP sweeps (Hoffmann et al. 2022, approach 2) with exact FLOPs.
 
-    python scaling.py [BASE.toml] [--key=value ...] [--preset tiny|default | --budgets 3e11,1e12,3e12]
-                      [--sizes 5] [--aspect 16] [--head-dim 16] [--out DIR] [--jobs N]
+    python scaling.py [BASE.toml] [--key=value ...] [--preset tiny|default | --budgets 3e10,1e11,3e11]
+                      [--sizes 5] [--aspect 8] [--head-dim 8] [--out DIR] [--jobs N]
                       [--dry-run [--json] | --print-commands | --collect]
     python scaling.py --fit OUT/results.jsonl [--json]
     python scaling.py --compare A.toml B.toml [--budgets ... | --preset ...] [--out DIR] [--jobs N]
@@ -36,8 +36,8 @@ USAGE = ("python scaling.py [BASE.toml] [--key=value ...] [--preset NAME | --bud
          "[--out DIR] [--jobs N] [--dry-run [--json] | --print-commands | --collect] | --fit RESULTS.jsonl "
          "[--json] | --compare A.toml B.toml")
 PRESETS = {
-    "tiny": {"config": "configs/scaling_tiny.toml", "budgets": (1e10, 3e10), "sizes": 3},
-    "default": {"config": "configs/scaling_pydoc.toml", "budgets": (3e11, 1e12, 3e12), "sizes": 5},
+    "tiny": {"config": "configs/scaling_tiny.toml", "budgets": (3e9, 1e10), "sizes": 3},
+    "default": {"config": "configs/scaling_pydoc.toml", "budgets": (3e10, 1e11, 3e11), "sizes": 5},
 }
 LADDER_KEYS = ("n_layer", "n_head", "n_embd")  # set by the family, not by overrides
 OWN_KEYS = ("out_dir", "resume", "overwrite")  # set per run by the sweep
@@ -55,10 +55,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="base TOML recipe (default: the preset's)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="budgets, sizes and recipe (default: default)")
-    p.add_argument("--budgets", help="comma-separated FLOP budgets, e.g. 1e11,3e11,1e12")
+    p.add_argument("--budgets", help="comma-separated FLOP budgets, e.g. 3e10,1e11,3e11")
     p.add_argument("--sizes", type=int, help="models per budget (>= 3)")
-    p.add_argument("--aspect", type=int, default=16, help="n_embd / n_layer of the family (default 16)")
-    p.add_argument("--head-dim", type=int, default=16, help="head size of the family (default 16)")
+    p.add_argument("--aspect", type=int, default=8, help="n_embd / n_layer of the family (default 8)")
+    p.add_argument("--head-dim", type=int, default=8, help="head size of the family (default 8)")
     p.add_argument("--tokens-per-param", type=float, default=20.0,
                    help="first guess of the optimum that centres each ladder (default 20, Chinchilla's)")
     p.add_argument("--out", help="sweep folder (default: the recipe's out_dir)")
@@ -84,7 +84,7 @@ def parse_budgets(text: str) -> list[float]:
         try:
             value = float(item.strip().replace("_", ""))
         except ValueError:
-            raise ValueError(f"--budgets: {item.strip()!r} is not a number (expected e.g. 1e11,3e11,1e12)") from None
+            raise ValueError(f"--budgets: {item.strip()!r} is not a number (expected e.g. 3e10,1e11,3e11)") from None
         if not math.isfinite(value) or value < 1:
             raise ValueError(f"--budgets: {item.strip()!r} must be a finite number of FLOPs >= 1")
         out.append(value)
@@ -226,11 +226,11 @@ def val_loss(checkpoint: Path, dataset: str) -> float:
     return total / n
 
 
-def record(sweep: Sweep, p: dict, wall_s: float | None) -> dict:
+def record(sweep: Sweep, p: dict, wall_s: float | None, cpu_s: float | None = None) -> dict:
     """Evaluate a finished run and append its record to OUT/results.jsonl (one write, flushed to disk)."""
     ckpt = sweep.out / "points" / p["id"] / "last.pt"
     rec = {"id": p["id"], **public(p), "val_loss": val_loss(ckpt, sweep.train.dataset),
-           "val_tokens": _val_tokens(sweep, p), "wall_s": wall_s, "args": p["args"]}
+           "val_tokens": _val_tokens(sweep, p), "wall_s": wall_s, "cpu_s": cpu_s, "args": p["args"]}
     with (sweep.out / "results.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(rec, allow_nan=False) + "\n")
         f.flush()
@@ -268,7 +268,8 @@ class Progress:
         elapsed = time.perf_counter() - self.start
         eta = self.flops_left * elapsed / self.flops_done if self.flops_done else float("nan")
         best = ", ".join(f"{b:.3g}: {v:.4f} (L{m})" for b, (v, m) in sorted(self.best.items()))
-        wall = f"{rec['wall_s']:.0f} s" if rec.get("wall_s") is not None else "finished elsewhere"
+        wall = (f"{rec['wall_s']:.0f} s, CPU {_num(rec.get('cpu_s'), '.0f')} s" if rec.get("wall_s") is not None
+                else "finished elsewhere")
         return (f"[{self.done}/{self.total}] {rec['id']}: val_loss {rec['val_loss']:.4f} ({wall}); "
                 f"ETA {eta / 60:.1f} min; best per budget {best}")
 
@@ -306,6 +307,18 @@ def run_sweep(sweep: Sweep, jobs: int, train_new: bool = True) -> list[dict]:
     return [records[p["id"]] for p in sweep.points if p["id"] in records]
 
 
+def _reap(proc) -> tuple[int, float | None] | None:
+    """(exit code, CPU seconds user+sys) of a child that has ended, None while it runs. os.wait4 gives each
+    child's own CPU time (where the OS has it), which says what the run costs on an idle machine."""
+    if not hasattr(os, "wait4"):
+        return None if proc.poll() is None else (proc.returncode, None)
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if pid == 0:
+        return None
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    return proc.returncode, usage.ru_utime + usage.ru_stime
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM ends the sweep as Ctrl-C does: children save, records stay
 
@@ -327,13 +340,13 @@ def _train_all(sweep, todo, states, jobs, threads, records, prog) -> None:
             if not running:
                 break
             time.sleep(0.1)
-            for proc in [q for q in running if q.poll() is not None]:
+            for proc, (code, cpu_s) in [(q, r) for q in list(running) if (r := _reap(q)) is not None]:
                 p, t0, log = running.pop(proc)
                 log.close()
-                if proc.returncode != 0:
-                    failed.append(f"{p['id']} (exit {proc.returncode}, see {sweep.out / 'points' / p['id']}/train.log)")
+                if code != 0:
+                    failed.append(f"{p['id']} (exit {code}, see {sweep.out / 'points' / p['id']}/train.log)")
                     continue
-                records[p["id"]] = record(sweep, p, time.perf_counter() - t0)
+                records[p["id"]] = record(sweep, p, time.perf_counter() - t0, cpu_s)
                 print(prog.finished(records[p["id"]], True), file=sys.stderr)
     except KeyboardInterrupt:
         for proc in running:
@@ -378,19 +391,23 @@ def _num(v, spec: str) -> str:
     return format(v, spec) if v is not None else format("-", ">" + spec.split(".")[0])
 
 
+def write_fit(result: dict, records: list[dict], out_dir: Path) -> list[Path]:
+    """fit.json (strict JSON) and the three pictures into out_dir; returns the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "fit.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    return [out_dir / "fit.json", *plot_fit(result, records, out_dir)]
+
+
 def fit_and_write(records: list[dict], out_dir: Path, as_json: bool) -> dict:
     """Fit, write fit.json and the pictures into out_dir, print the report (or the JSON)."""
     from model.flops.scaling import fit
     result = fit(records)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2, allow_nan=False)
-    (out_dir / "fit.json").write_text(text + "\n")
-    pngs = plot_fit(result, records, out_dir)
+    paths = write_fit(result, records, out_dir)
     if as_json:
-        print(text)
+        print(json.dumps(result, indent=2, allow_nan=False))
     else:
         print(render_fit(result))
-        print(f"wrote {out_dir / 'fit.json'}, " + ", ".join(str(p) for p in pngs))
+        print("wrote " + ", ".join(str(p) for p in paths))
     return result
 
 
@@ -424,8 +441,13 @@ def plot_isoflop(result: dict, records: list[dict], path: Path) -> Path:
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("IsoFLOP curves (exact training FLOPs); stars: fitted optima")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    _legend(ax)
     return _save(fig, path)
+
+
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:  # nothing fitted: no legend (and no matplotlib warning)
+        ax.legend(fontsize=8)
 
 
 def _save(fig, path: Path) -> Path:
@@ -454,7 +476,7 @@ def plot_optima(result: dict, path: Path) -> Path:
         ax.set_xlabel("compute C (FLOPs, by convention)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        _legend(ax)
     fig.suptitle("Compute-optimal size and tokens, three FLOP conventions")
     return _save(fig, path)
 
@@ -480,7 +502,7 @@ def plot_frontiers(fits: dict[str, dict], path: Path, by_convention: bool = Fals
     ax.set_ylabel("L_opt (validation loss, nats/token)")
     ax.set_title("The line: compute-optimal loss vs compute")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -529,7 +551,9 @@ def do_compare(args, overrides, budgets, sizes) -> int:
     for name, path in zip(names, args.compare):
         sweep = make_sweep(path, overrides, args, budgets, sizes, str(out / name))
         print(f"recipe {name} ({path}): {len(sweep.points)} runs in {sweep.out}", file=sys.stderr)
-        fits[name] = fit(run_sweep(sweep, args.jobs))
+        records = run_sweep(sweep, args.jobs)
+        fits[name] = fit(records)
+        write_fit(fits[name], records, sweep.out)
     fa, fb = fits[names[0]]["frontier"], fits[names[1]]["frontier"]
     rows = [{"loss": p["loss_opt"], "budget": p["budget"], "compute_a": p["compute"],
              "multiplier": compute_multiplier(fa, fb, p["loss_opt"])}
@@ -572,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         print(f"scaling.py: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("scaling.py: interrupted; finished runs are recorded, interrupted ones saved: rerun the same "
               "command to resume", file=sys.stderr)
@@ -579,8 +606,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:  # output piped into `head` and closed early
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+    sys.exit(main())

@@ -35,8 +35,8 @@ POINT_KEYS = ("budget", "n_layer", "n_head", "n_embd", "vocab_size", "block_size
 class Family:
     """n_layer = m, n_embd = aspect · m, n_head = n_embd / head_dim, for m = 1 .. max_layers."""
 
-    aspect: int = 16
-    head_dim: int = 16
+    aspect: int = 8
+    head_dim: int = 8
     max_layers: int = 12
 
     def __post_init__(self) -> None:
