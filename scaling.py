@@ -36,8 +36,11 @@ USAGE = ("python scaling.py [BASE.toml] [--key=value ...] [--preset NAME | --bud
          "[--out DIR] [--jobs N] [--dry-run [--json] | --print-commands | --collect] | --fit RESULTS.jsonl "
          "[--json] | --compare A.toml B.toml")
 PRESETS = {
-    "tiny": {"config": "configs/scaling_tiny.toml", "budgets": (3e9, 1e10), "sizes": 3},
-    "default": {"config": "configs/scaling_pydoc.toml", "budgets": (3e10, 1e11, 3e11), "sizes": 5},
+    # tokens_per_param centres each ladder; 200, not Chinchilla's 20: at these budgets the measured optima sit
+    # at 100-500 tokens per parameter (docs/scaling.md), and 20 pushes the ladders above them
+    "tiny": {"config": "configs/scaling_tiny.toml", "budgets": (3e9, 1e10), "sizes": 3, "tokens_per_param": 200},
+    "default": {"config": "configs/scaling_pydoc.toml", "budgets": (3e10, 1e11, 3e11), "sizes": 5,
+                "tokens_per_param": 200},
 }
 LADDER_KEYS = ("n_layer", "n_head", "n_embd")  # set by the family, not by overrides
 OWN_KEYS = ("out_dir", "resume", "overwrite")  # set per run by the sweep
@@ -59,8 +62,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--sizes", type=int, help="models per budget (>= 3)")
     p.add_argument("--aspect", type=int, default=8, help="n_embd / n_layer of the family (default 8)")
     p.add_argument("--head-dim", type=int, default=8, help="head size of the family (default 8)")
-    p.add_argument("--tokens-per-param", type=float, default=20.0,
-                   help="first guess of the optimum that centres each ladder (default 20, Chinchilla's)")
+    p.add_argument("--tokens-per-param", type=float,
+                   help="first guess of the optimum that centres each ladder (default: the preset's, 200)")
     p.add_argument("--out", help="sweep folder (default: the recipe's out_dir)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, CPU threads divided among them")
     p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
@@ -122,11 +125,13 @@ def load_recipe(config: str, overrides: list[str]):
 
 
 def make_sweep(config: str, overrides: list[str], args, budgets, sizes: int, out: str | None) -> Sweep:
+    """The plan of one recipe: every point with its train.py arguments (schedule stretched to its steps)."""
     from model.flops.scaling import Family, plan, point_id, schedule
     model, train = load_recipe(config, overrides)
     family = Family(args.aspect, args.head_dim)
     sweep = Sweep(config, list(overrides), Path(out or train.out_dir), model, train)
-    for p in plan(model, family, budgets, sizes, train.batch_size, train.grad_accum, args.tokens_per_param):
+    guess = args.tokens_per_param or PRESETS[args.preset or "default"]["tokens_per_param"]
+    for p in plan(model, family, budgets, sizes, train.batch_size, train.grad_accum, guess):
         p["id"] = point_id(p)
         sched = schedule(p["steps"], train.max_iters, train.warmup_iters, train.lr_decay_iters)
         keys = {"n_layer": p["n_layer"], "n_head": p["n_head"], "n_embd": p["n_embd"], **sched,
@@ -377,13 +382,17 @@ def render_fit(result: dict) -> str:
         n_top = next((p["n_opt"] for p in f["per_budget"] if p["budget"] == top), None)
         lines.append(f"{NAMES[conv]:<30} {_num(f['a'], '13.3f')} {_num(f['b'], '13.3f')} {_num(n_top, '16.4g')} "
                      f"{_num(f['frontier']['slope'], '14.4f')} {_num(f['frontier']['intercept'], '9.4f')}")
-    lines.append("frontier: L_opt = slope · log10(C) + intercept (nats/token); per budget, exact FLOPs:")
-    lines.append(f"  {'budget':>9} {'C':>11} {'N_opt':>10} {'D_opt':>10} {'L_opt':>7}  vertex")
+    m = result["frontier_measured"]
+    lines.append(f"frontier: L_opt = slope · log10(C) + intercept (nats/token); through the best measured run of "
+                 f"each budget instead: slope {_num(m['slope'], '.4f')}, intercept {_num(m['intercept'], '.4f')}")
+    lines.append(f"per budget, exact FLOPs:\n  {'budget':>9} {'C':>11} {'N_opt':>10} {'D_opt':>10} {'L_opt':>7} "
+                 f"{'N_best':>8} {'L_best':>7}  vertex")
     for p in result["per_budget"]:
         where = "inside the ladder" if p["in_range"] else ("no minimum (parabola opens down)" if p["n_opt"] is None
-                                                         else "OUTSIDE the ladder: extrapolated")
+                                                         else "OUTSIDE the ladder: extrapolated, not fitted")
         lines.append(f"  {p['budget']:9.3g} {p['compute']:11.4g} {_num(p['n_opt'], '10.4g')} "
-                     f"{_num(p['d_opt'], '10.4g')} {_num(p['loss_opt'], '7.4f')}  {where}")
+                     f"{_num(p['d_opt'], '10.4g')} {_num(p['loss_opt'], '7.4f')} {p['n_best']:8.4g} "
+                     f"{p['loss_best']:7.4f}  {where}")
     return "\n".join(lines)
 
 
@@ -435,11 +444,12 @@ def plot_isoflop(result: dict, records: list[dict], path: Path) -> Path:
         if p.get("parabola"):
             x = np.linspace(math.log10(pts[0][0]) - 0.1, math.log10(pts[-1][0]) + 0.1, 100)
             ax.plot(10 ** x, np.polyval(p["parabola"], x), "-", color=color, alpha=0.7)
+        if p["in_range"]:
             ax.plot([p["n_opt"]], [p["loss_opt"]], "*", color=color, ms=14, mec="k")
     ax.set_xscale("log")
     ax.set_xlabel("parameters N (all, tied head once)")
     ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("IsoFLOP curves (exact training FLOPs); stars: fitted optima")
+    ax.set_title("IsoFLOP curves (exact training FLOPs); stars: optima inside the ladders")
     ax.grid(alpha=0.3, which="both")
     _legend(ax)
     return _save(fig, path)
@@ -463,7 +473,7 @@ def plot_optima(result: dict, path: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
     for i, (conv, f) in enumerate(result["by_convention"].items()):
-        ok = [p for p in f["per_budget"] if p["n_opt"] is not None]
+        ok = [p for p in f["per_budget"] if p["in_range"]]
         c = np.array([p["compute"] for p in ok])
         for ax, key, exp, coef in ((axes[0], "n_opt", "a", "a_log10_coef"), (axes[1], "d_opt", "b", "b_log10_coef")):
             ax.plot(c, [p[key] for p in ok], "o", color=f"C{i}")
@@ -482,28 +492,37 @@ def plot_optima(result: dict, path: Path) -> Path:
 
 
 def plot_frontiers(fits: dict[str, dict], path: Path, by_convention: bool = False) -> Path:
-    """L_opt against log C and the fitted lines: one per recipe, or (by_convention) one per convention."""
-    import numpy as np
+    """L_opt (circles, solid line) and the best measured run (crosses, dashed line) against C: one colour per
+    recipe, or (by_convention) per FLOP convention."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     items = (list(next(iter(fits.values()))["by_convention"].items()) if by_convention
              else [(name, f) for name, f in fits.items()])
     for i, (name, f) in enumerate(items):
-        ok = [p for p in f["per_budget"] if p["loss_opt"] is not None]
-        c = np.array([p["compute"] for p in ok])
         label = NAMES.get(name, name) if by_convention else name
-        ax.plot(c, [p["loss_opt"] for p in ok], "o", color=f"C{i}")
-        s, q = f["frontier"]["slope"], f["frontier"]["intercept"]
-        if s is not None:
-            x = np.linspace(np.log10(c.min()) - 0.1, np.log10(c.max()) + 0.1, 50)
-            ax.plot(10 ** x, q + s * x, "-", color=f"C{i}", label=f"{label}: {s:.4f}·log10 C + {q:.3f}")
+        _frontier_line(ax, f["per_budget"], "loss_opt", f["frontier"], f"C{i}", "o", "-", f"{label}: L_opt")
+        _frontier_line(ax, f["per_budget"], "loss_best", f["frontier_measured"], f"C{i}", "x", "--",
+                       f"{label}: best run")
     ax.set_xscale("log")
     ax.set_xlabel("compute C (FLOPs)")
-    ax.set_ylabel("L_opt (validation loss, nats/token)")
+    ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("The line: compute-optimal loss vs compute")
     ax.grid(alpha=0.3, which="both")
     _legend(ax)
     return _save(fig, path)
+
+
+def _frontier_line(ax, per_budget, key, line, color, marker, style, label) -> None:
+    import numpy as np
+    pts = [(p["compute"], p[key]) for p in per_budget if key == "loss_best" or p["in_range"]]
+    if not pts:
+        return
+    c = np.array([q[0] for q in pts])
+    ax.plot(c, [q[1] for q in pts], marker, color=color, ls="none")
+    if line["slope"] is not None:
+        x = np.linspace(np.log10(c.min()) - 0.1, np.log10(c.max()) + 0.1, 50)
+        ax.plot(10 ** x, line["intercept"] + line["slope"] * x, style, color=color,
+                label=f"{label}: {line['slope']:.4f}·log10 C + {line['intercept']:.3f}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -540,8 +559,8 @@ def do_fit(args, overrides) -> int:
 
 
 def do_compare(args, overrides, budgets, sizes) -> int:
-    """Sweep both recipes at the same budgets; each frontier, and the compute multiplier at A's optima."""
-    from model.flops.scaling import compute_multiplier, fit
+    """Sweep both recipes at the same budgets; each line, and the compute multiplier at A's losses."""
+    from model.flops.scaling import fit
     a_path, b_path = args.compare
     names = [Path(a_path).stem, Path(b_path).stem]
     if names[0] == names[1]:
@@ -554,26 +573,35 @@ def do_compare(args, overrides, budgets, sizes) -> int:
         records = run_sweep(sweep, args.jobs)
         fits[name] = fit(records)
         write_fit(fits[name], records, sweep.out)
-    fa, fb = fits[names[0]]["frontier"], fits[names[1]]["frontier"]
-    rows = [{"loss": p["loss_opt"], "budget": p["budget"], "compute_a": p["compute"],
-             "multiplier": compute_multiplier(fa, fb, p["loss_opt"])}
-            for p in fits[names[0]]["per_budget"] if p["loss_opt"] is not None]
-    result = {"a": {"config": a_path, "frontier": fa, "fit": fits[names[0]]},
-              "b": {"config": b_path, "frontier": fb, "fit": fits[names[1]]}, "multiplier_at_a_optima": rows}
+    result = compare_lines(fits, names, args.compare)
     (out / "compare.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     png = plot_frontiers(fits, out / "compare.png")
     if args.json:
         print(json.dumps(result, indent=2, allow_nan=False))
         return 0
-    for tag, name in zip("AB", names):
-        f = fits[name]["frontier"]
-        print(f"{tag} {name}: L_opt = {_num(f['slope'], '.4f')} · log10 C + {_num(f['intercept'], '.4f')}; "
-              f"a = {_num(fits[name]['a'], '.3f')}, b = {_num(fits[name]['b'], '.3f')}")
-    for r in rows:
-        print(f"to reach A's loss {r['loss']:.4f} (A's optimum at {r['budget']:.3g} FLOPs), A needs "
+    kind = result["line"]
+    print(f"line: {'the parabola optima (L_opt)' if kind == 'frontier' else 'the best measured run per budget (some optima lie outside the ladders)'}")
+    for tag, name in zip("ab", names):
+        f = result[tag]["frontier"]
+        print(f"{tag.upper()} {name}: loss = {_num(f['slope'], '.4f')} · log10 C + {_num(f['intercept'], '.4f')}")
+    for r in result["multiplier_at_a_budgets"]:
+        print(f"to reach A's loss {r['loss']:.4f} (A at {r['budget']:.3g} FLOPs), A needs "
               f"{_num(r['multiplier'], '.2f')}x the compute B needs")
     print(f"wrote {out / 'compare.json'}, {png}")
     return 0
+
+
+def compare_lines(fits: dict[str, dict], names: list[str], paths: list[str]) -> dict:
+    """Both recipes' lines and the compute multiplier at A's loss at each budget. The line is the parabola
+    frontier when every budget of both recipes has its vertex inside the ladder, else the best-run line."""
+    from model.flops.scaling import compute_multiplier
+    inside = all(p["in_range"] for n in names for p in fits[n]["per_budget"])
+    kind, key = ("frontier", "loss_opt") if inside else ("frontier_measured", "loss_best")
+    fa, fb = fits[names[0]][kind], fits[names[1]][kind]
+    rows = [{"loss": p[key], "budget": p["budget"], "multiplier": compute_multiplier(fa, fb, p[key])}
+            for p in fits[names[0]]["per_budget"]]
+    return {"line": kind, "a": {"config": paths[0], "frontier": fa, "fit": fits[names[0]]},
+            "b": {"config": paths[1], "frontier": fb, "fit": fits[names[1]]}, "multiplier_at_a_budgets": rows}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,6 +110,19 @@ def test_fit_recovers_chinchilla_exponents(alpha, beta):
     assert set(result["by_convention"]) == {"exact", "6nd", "6n_nonembedding_d"}
 
 
+def test_fit_leaves_out_extrapolated_optima():
+    recs = chinchilla_records(0.34, 0.28, [1e18, 1e19, 1e20])
+    # a fourth budget whose ladder is centred about 15x below its optimum: the vertex is an extrapolation
+    far = [{**r, "budget": 1e21, "flops": 1e21, "flops_6nd": 1e21, "params": r["params"] / 30 * 10 ** 1.35,
+            "tokens": 1e21 / (6 * r["params"] / 30 * 10 ** 1.35)} for r in recs if r["budget"] == 1e18]
+    for r in far:
+        r["val_loss"] = 1.69 + 406.4 / r["params"] ** 0.34 + 410.7 / r["tokens"] ** 0.28
+    result = fit(recs + far)
+    assert [p["in_range"] for p in result["per_budget"]] == [True, True, True, False]
+    assert result["a"] == pytest.approx(0.28 / 0.62, abs=0.02)
+    assert result["frontier_measured"]["slope"] < 0
+
+
 def test_fit_budget_vertex_and_d_opt_by_hand():
     # loss = 2 + 0.5·(log10 N - 5)^2: vertex at N = 1e5, loss 2; 6ND: D_opt = C / (6·N_opt)
     recs = [{"budget": 6e12, "params": n, "params_nonembedding": n / 2, "tokens": 1e12 / n, "flops": 7e12,
@@ -191,6 +204,16 @@ def test_rerun_skips_recorded_resumes_interrupted_and_collects_finished(dataset,
     launched.clear()
     records = scaling.run_sweep(sweep, jobs=2, train_new=False)
     assert launched == [] and [r["id"] for r in records] == [recorded["id"], finished["id"]]
+
+
+def test_a_record_of_another_plan_is_refused(dataset, tmp_path):
+    sweep = small_sweep(dataset, tmp_path / "sw")
+    p = sweep.points[0]
+    sweep.out.mkdir(parents=True)
+    other = {"id": p["id"], **scaling.public(p), "val_loss": 2.5, "args": [*p["args"][:-1], "--lr=1"]}
+    (sweep.out / "results.jsonl").write_text(json.dumps(other) + "\n")
+    with pytest.raises(ValueError, match="another plan or recipe"):
+        scaling.run_sweep(sweep, jobs=1)
 
 
 def test_val_loss_is_the_whole_split_in_windows(dataset, tmp_path):

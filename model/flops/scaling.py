@@ -12,7 +12,10 @@ Fitting, per FLOP convention (compute C, parameter count N of each run; D = its 
 Per budget: a parabola of loss against log10 N; its vertex gives N_opt and L_opt; D_opt = C_budget / (FLOPs
 per token at N_opt), the FLOPs per token of the budget's runs interpolated log-log (exactly 6·N under the 6ND
 conventions). C_budget is the mean of the convention's C over the budget's runs. Then least squares on logs:
-N_opt ∝ C^a, D_opt ∝ C^b, and the frontier L_opt = slope · log10 C + intercept.
+N_opt ∝ C^a, D_opt ∝ C^b, and the frontier L_opt = slope · log10 C + intercept, over the budgets whose vertex
+lies inside their ladder (outside, a parabola's vertex is an extrapolation). The best measured run of each
+budget (N_best, L_best) gives `frontier_measured`, the same line through L_best: it needs no parabola, so it
+exists where an optimum lies outside the ladder, and it bounds L_opt from above.
 """
 from __future__ import annotations
 
@@ -160,8 +163,10 @@ def fit_budget(records: list[dict], convention: str) -> dict:
     loss = np.array([r["val_loss"] for r in records], dtype=float)
     tokens = np.array([r["tokens"] for r in records], dtype=float)
     c_budget = float(c.mean())
+    best = int(np.argmin(loss))
     out = {"budget": records[0]["budget"], "compute": c_budget, "n_opt": None, "d_opt": None,
-           "loss_opt": None, "in_range": False, "points": len(records)}
+           "loss_opt": None, "in_range": False, "points": len(records),
+           "n_best": float(10.0 ** x[best]), "loss_best": float(loss[best])}
     if len(set(x.tolist())) < 3:
         return out
     p2, p1, p0 = np.polyfit(x, loss, 2)
@@ -185,18 +190,24 @@ def power_law(c: list[float], y: list[float]) -> tuple[float | None, float | Non
 
 
 def fit_convention(records: list[dict], convention: str) -> dict:
-    """Per-budget optima, a, b (with their log10 prefactors), and the frontier line, under one convention."""
+    """Per-budget optima, a, b (with their log10 prefactors), and the frontier lines, under one convention."""
     budgets = sorted({r["budget"] for r in records})
     per_budget = [fit_budget([r for r in records if r["budget"] == b], convention) for b in budgets]
-    ok = [p for p in per_budget if p["n_opt"] is not None]
+    ok = [p for p in per_budget if p["in_range"]]  # an extrapolated vertex can be anywhere: left out
     c = [p["compute"] for p in ok]
     a, a_q = power_law(c, [p["n_opt"] for p in ok])
     b, b_q = power_law(c, [p["d_opt"] for p in ok])
-    slope = intercept = None
-    if len(set(c)) >= 2:
-        slope, intercept = (float(v) for v in np.polyfit(np.log10(c), [p["loss_opt"] for p in ok], 1))
     return {"a": a, "b": b, "a_log10_coef": a_q, "b_log10_coef": b_q, "per_budget": per_budget,
-            "frontier": {"slope": slope, "intercept": intercept}}
+            "frontier": line(c, [p["loss_opt"] for p in ok]),
+            "frontier_measured": line([p["compute"] for p in per_budget], [p["loss_best"] for p in per_budget])}
+
+
+def line(c: list[float], loss: list[float]) -> dict:
+    """Least squares loss = slope · log10 c + intercept; None for both with fewer than two distinct c."""
+    if len(set(c)) < 2:
+        return {"slope": None, "intercept": None}
+    slope, intercept = np.polyfit(np.log10(c), loss, 1)
+    return {"slope": float(slope), "intercept": float(intercept)}
 
 
 def fit(records: list[dict]) -> dict:
@@ -214,7 +225,8 @@ def fit(records: list[dict]) -> dict:
             raise ValueError(f"budget {b:.3g} has {len(sizes)} model size(s); a parabola needs three")
     by = {conv: fit_convention(records, conv) for conv in CONVENTIONS}
     return {"a": by["exact"]["a"], "b": by["exact"]["b"], "per_budget": by["exact"]["per_budget"],
-            "frontier": by["exact"]["frontier"], "by_convention": by}
+            "frontier": by["exact"]["frontier"], "frontier_measured": by["exact"]["frontier_measured"],
+            "by_convention": by}
 
 
 def compute_multiplier(frontier_a: dict, frontier_b: dict, loss: float) -> float | None:
