@@ -461,6 +461,9 @@ def _legend(ax) -> None:
 
 
 def _save(fig, path: Path) -> Path:
+    from matplotlib.ticker import NullFormatter
+    for ax in fig.axes:  # labelled minor ticks on a log axis under a decade wide overlap
+        ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(path)
     _pyplot().close(fig)
