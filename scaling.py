@@ -204,10 +204,12 @@ def point_state(p: dict, out_dir: Path, records: dict[str, dict]) -> str:
     from model.training.checkpoint import load_checkpoint
     ckpt = load_checkpoint(last)
     planned = {"n_layer": p["n_layer"], "n_embd": p["n_embd"], "max_iters": p["steps"]}
-    found = {**{k: ckpt["model_config"][k] for k in ("n_layer", "n_embd")}, "max_iters": ckpt["train_config"]["max_iters"]}
+    model_cfg, train_cfg = ckpt.get("model_config") or {}, ckpt.get("train_config") or {}
+    found = {"n_layer": model_cfg.get("n_layer"), "n_embd": model_cfg.get("n_embd"),
+             "max_iters": train_cfg.get("max_iters")}
     if found != planned:
         raise ValueError(f"{last}: a run of another plan ({found}, planned {planned}); use another --out")
-    return "finished" if int(ckpt["step"]) == p["steps"] else "interrupted"
+    return "finished" if int(ckpt.get("step", -1)) == p["steps"] else "interrupted"
 
 
 def val_loss(checkpoint: Path, dataset: str) -> float:
@@ -379,9 +381,12 @@ def render_fit(result: dict) -> str:
     lines = [f"{'convention':<30} {'a (N_opt~C^a)':>13} {'b (D_opt~C^b)':>13} {'N_opt at ' + format(top, '.3g'):>16} "
              f"{'frontier slope':>14} {'intercept':>9}"]
     for conv, f in by.items():
-        n_top = next((p["n_opt"] for p in f["per_budget"] if p["budget"] == top), None)
+        n_top = next((p["n_opt"] for p in f["per_budget"] if p["budget"] == top and p["in_range"]), None)
         lines.append(f"{NAMES[conv]:<30} {_num(f['a'], '13.3f')} {_num(f['b'], '13.3f')} {_num(n_top, '16.4g')} "
                      f"{_num(f['frontier']['slope'], '14.4f')} {_num(f['frontier']['intercept'], '9.4f')}")
+    if result["a"] is None:
+        lines.append("fewer than two budgets have their optimum inside the ladder: no power law or frontier under "
+                     "exact FLOPs (larger budgets, or --tokens-per-param to move the ladders)")
     m = result["frontier_measured"]
     lines.append(f"frontier: L_opt = slope · log10(C) + intercept (nats/token); through the best measured run of "
                  f"each budget instead: slope {_num(m['slope'], '.4f')}, intercept {_num(m['intercept'], '.4f')}")
@@ -446,17 +451,20 @@ def plot_isoflop(result: dict, records: list[dict], path: Path) -> Path:
             ax.plot(10 ** x, np.polyval(p["parabola"], x), "-", color=color, alpha=0.7)
         if p["in_range"]:
             ax.plot([p["n_opt"]], [p["loss_opt"]], "*", color=color, ms=14, mec="k")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters N (all, tied head once)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("IsoFLOP curves (exact training FLOPs); stars: optima inside the ladders")
-    ax.grid(alpha=0.3, which="both")
-    _legend(ax)
+    _axes(ax, "parameters N (all, tied head once)", "validation loss (nats/token)",
+          "IsoFLOP curves (exact training FLOPs); stars: optima inside the ladders")
     return _save(fig, path)
 
 
-def _legend(ax) -> None:
-    if ax.get_legend_handles_labels()[0]:  # nothing fitted: no legend (and no matplotlib warning)
+def _axes(ax, xlabel: str, ylabel: str, title: str | None = None) -> None:
+    """Log x axis, labels, grid, and a legend when something carries a label (nothing fitted: none)."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
 
 
@@ -477,6 +485,8 @@ def plot_optima(result: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
     for i, (conv, f) in enumerate(result["by_convention"].items()):
         ok = [p for p in f["per_budget"] if p["in_range"]]
+        if not ok:  # no optimum inside a ladder under this convention: nothing to draw
+            continue
         c = np.array([p["compute"] for p in ok])
         for ax, key, exp, coef in ((axes[0], "n_opt", "a", "a_log10_coef"), (axes[1], "d_opt", "b", "b_log10_coef")):
             ax.plot(c, [p[key] for p in ok], "o", color=f"C{i}")
@@ -484,12 +494,8 @@ def plot_optima(result: dict, path: Path) -> Path:
                 ax.plot(c, 10 ** (f[coef] + f[exp] * np.log10(c)), "-", color=f"C{i}",
                         label=f"{NAMES[conv]}: {exp} = {f[exp]:.3f}")
     for ax, name in ((axes[0], "N_opt (parameters)"), (axes[1], "D_opt (tokens)")):
-        ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("compute C (FLOPs, by convention)")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3, which="both")
-        _legend(ax)
+        _axes(ax, "compute C (FLOPs, by convention)", name)
     fig.suptitle("Compute-optimal size and tokens, three FLOP conventions")
     return _save(fig, path)
 
@@ -506,12 +512,7 @@ def plot_frontiers(fits: dict[str, dict], path: Path, by_convention: bool = Fals
         _frontier_line(ax, f["per_budget"], "loss_opt", f["frontier"], f"C{i}", "o", "-", f"{label}: L_opt")
         _frontier_line(ax, f["per_budget"], "loss_best", f["frontier_measured"], f"C{i}", "x", "--",
                        f"{label}: best run")
-    ax.set_xscale("log")
-    ax.set_xlabel("compute C (FLOPs)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("The line: compute-optimal loss vs compute")
-    ax.grid(alpha=0.3, which="both")
-    _legend(ax)
+    _axes(ax, "compute C (FLOPs)", "validation loss (nats/token)", "The line: compute-optimal loss vs compute")
     return _save(fig, path)
 
 
@@ -583,7 +584,8 @@ def do_compare(args, overrides, budgets, sizes) -> int:
         print(json.dumps(result, indent=2, allow_nan=False))
         return 0
     kind = result["line"]
-    print(f"line: {'the parabola optima (L_opt)' if kind == 'frontier' else 'the best measured run per budget (some optima lie outside the ladders)'}")
+    print("line: " + ("the parabola optima (L_opt)" if kind == "frontier" else
+                      "the best measured run per budget (some optima lie outside the ladders)"))
     for tag, name in zip("ab", names):
         f = result[tag]["frontier"]
         print(f"{tag.upper()} {name}: loss = {_num(f['slope'], '.4f')} · log10 C + {_num(f['intercept'], '.4f')}")
