@@ -27,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -120,8 +120,9 @@ def load_recipe(config: str, overrides: list[str]):
             raise ValueError(f"--{key} is set by the sweep for each run" + (" (use --out)" if key == "out_dir" else ""))
     values.update(given)
     _, train = build((GPTConfig, TrainConfig), values, defaults={"vocab_size": 1})
-    meta = load_meta(ensure_dataset(train.dataset))
-    return build((GPTConfig, TrainConfig), values, defaults={"vocab_size": meta["vocab_size"]})
+    dataset = ensure_dataset(train.dataset)  # found as train.py finds it (cwd, then the repo root)
+    model, train = build((GPTConfig, TrainConfig), values, defaults={"vocab_size": load_meta(dataset)["vocab_size"]})
+    return model, replace(train, dataset=str(dataset))
 
 
 def make_sweep(config: str, overrides: list[str], args, budgets, sizes: int, out: str | None) -> Sweep:
@@ -130,7 +131,8 @@ def make_sweep(config: str, overrides: list[str], args, budgets, sizes: int, out
     model, train = load_recipe(config, overrides)
     family = Family(args.aspect, args.head_dim)
     sweep = Sweep(config, list(overrides), Path(out or train.out_dir), model, train)
-    guess = args.tokens_per_param or PRESETS[args.preset or "default"]["tokens_per_param"]
+    guess = PRESETS[args.preset or "default"]["tokens_per_param"] if args.tokens_per_param is None \
+        else args.tokens_per_param
     for p in plan(model, family, budgets, sizes, train.batch_size, train.grad_accum, guess):
         p["id"] = point_id(p)
         sched = schedule(p["steps"], train.max_iters, train.warmup_iters, train.lr_decay_iters)

@@ -260,6 +260,8 @@ def test_print_commands_lists_unfinished_runs(dataset, tmp_path, capsys):
     (["--budgets", "1e11,3e11", "--sizes", "2", "--dry-run"], "sizes must be an integer >= 3"),
     (["--n_layer=4", "--dry-run"], "set by the model family"),
     (["--jobs", "0"], "--jobs must be >= 1"),
+    (["--tokens-per-param", "-5", "--dry-run"], "tokens_per_param must be a positive number"),
+    (["--aspect", "12", "--dry-run"], "must be a multiple of head_dim"),
     (["--fit", "/nonexistent/results.jsonl"], "results file not found"),
     (["--dry-run", "--collect"], "exclude each other"),
 ])

@@ -89,6 +89,8 @@ def ladder(base: GPTConfig, family: Family, budget: int, sizes: int, batch_size:
     get at least `min_steps` steps."""
     if isinstance(sizes, bool) or not isinstance(sizes, int) or sizes < 3:
         raise ValueError(f"sizes must be an integer >= 3 (a parabola needs three points), got {sizes!r}")
+    if not (isinstance(tokens_per_param, (int, float)) and math.isfinite(tokens_per_param) and tokens_per_param > 0):
+        raise ValueError(f"tokens_per_param must be a positive number, got {tokens_per_param!r}")
     members = [point(base, family, m, budget, batch_size, grad_accum) for m in range(1, family.max_layers + 1)]
     valid = [p for p in members if p["steps"] >= min_steps]
     if not valid:
