@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, `weights_only` loads, and everything a bit-exact resume needs.
+"""Checkpoints: atomic writes of finite states only, verified `weights_only` loads, and everything a
+bit-exact resume needs.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no pickled classes), so it loads
 with `torch.load(weights_only=True)`:
@@ -7,13 +8,16 @@ with `torch.load(weights_only=True)`:
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
 import zipfile
+from zlib import error as zlib_error
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +30,39 @@ from ..gpt.gpt import GPT
 FORMAT = "flopgpt-1"
 
 
+class NonFiniteStateError(ValueError):
+    """A state to be saved holds NaN or infinite weights or optimizer moments: saving it would replace the
+    last good checkpoint with one that cannot train."""
+
+
+def non_finite_tensor(state: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor in state["model"] or state["optimizer"] holding a NaN or
+    an infinity, else None."""
+    def walk(obj, name):
+        if isinstance(obj, torch.Tensor):
+            return name if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+        for k, v in items:
+            found = walk(v, f"{name}.{k}")
+            if found:
+                return found
+        return None
+    return walk(state.get("model", {}), "model") or walk(state.get("optimizer", {}), "optimizer")
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write `state` to `path` atomically: temp file in the same folder, fsync, rename, fsync the folder.
 
-    A process killed at any moment leaves either the previous file or the new one, never a torn file.
+    A process killed at any moment leaves either the previous file or the new one, never a torn file. A
+    state with non-finite weights or optimizer moments is refused (NonFiniteStateError) and a failed write
+    (a full disk) is an OSError naming the file; either way the previous file is kept.
     """
     path = Path(path)
+    bad = non_finite_tensor(state)
+    if bad is not None:
+        raise NonFiniteStateError(f"not saving {path}: {bad} holds NaN or infinite values")
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"checkpoint path {path} is a directory, not a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path)
     # the writer's pid in the name lets a later save tell a dead writer's leftover from a live writer's file
@@ -42,6 +73,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, e) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -51,6 +85,19 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def _write_error(path: Path, e: Exception) -> OSError:
+    """One OSError for every way a save fails; torch's zip writer reports a full disk as a RuntimeError
+    ("unexpected pos"), so a nearly full disk is named as the likely cause."""
+    code = getattr(e, "errno", None)
+    free = shutil.disk_usage(path.parent).free
+    if code == errno.ENOSPC or (code is None and free < (64 << 20)):
+        code, reason = errno.ENOSPC, f"no space left on the device ({free:,} bytes free)"
+    else:
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1]
+    kept = f"; the previous {path.name} is kept" if path.is_file() else ""
+    return OSError(code or errno.EIO, f"could not write checkpoint {path}: {reason}{kept}")
 
 
 def remove_stale_temp_files(path: str | Path) -> list[Path]:
@@ -83,13 +130,29 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def verify_archive(path: str | Path) -> None:
+    """Check every member of a torch zip archive against its CRC-32 (torch.load checks none of them), so
+    flipped bits or a torn copy are a ValueError naming the file and the damaged member."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, zlib_error) as e:
+        raise ValueError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise ValueError(f"{path}: corrupt checkpoint: {bad} fails its CRC-32 check")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict safely; every failure is a ValueError/FileNotFoundError naming the file."""
+    """Load a checkpoint dict safely after verifying its integrity; every failure is a ValueError or
+    FileNotFoundError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint path {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is torn or foreign
         raise ValueError(f"{path}: truncated or corrupt checkpoint (not a torch zip archive)")
+    verify_archive(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
