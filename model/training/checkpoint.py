@@ -108,7 +108,7 @@ def remove_stale_temp_files(path: str | Path) -> list[Path]:
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\..*\.tmp$")
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         m = pattern.match(tmp.name)
-        if m is None or _process_exists(int(m.group(1))):
+        if m is None or process_exists(int(m.group(1))):
             continue
         try:
             tmp.unlink()
@@ -118,7 +118,7 @@ def remove_stale_temp_files(path: str | Path) -> list[Path]:
     return gone
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
