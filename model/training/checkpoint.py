@@ -26,6 +26,7 @@ import torch
 
 from ..config import GPTConfig
 from ..gpt.gpt import GPT
+from .memory import check_fits, weights_bytes
 
 FORMAT = "flopgpt-1"
 
@@ -185,6 +186,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>
         config = GPTConfig(**ckpt["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: invalid or missing model_config ({e})") from None
+    check_fits(weights_bytes(config), f"the model of {path}", device)
     model = GPT(config)
     load_weights(model, ckpt["model"], path)
     return model.to(device)
