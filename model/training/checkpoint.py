@@ -16,10 +16,11 @@ import random
 import re
 import shutil
 import tempfile
+import time
 import zipfile
 from zlib import error as zlib_error
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,31 +53,40 @@ def non_finite_tensor(state: dict[str, Any]) -> str | None:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write `state` to `path` atomically: temp file in the same folder, fsync, rename, fsync the folder.
-
-    A process killed at any moment leaves either the previous file or the new one, never a torn file. A
-    state with non-finite weights or optimizer moments is refused (NonFiniteStateError) and a failed write
-    (a full disk) is an OSError naming the file; either way the previous file is kept.
-    """
+    """Write `state` to `path` atomically (see atomic_write); a state with non-finite weights or optimizer
+    moments is refused (NonFiniteStateError) and the previous file kept."""
     path = Path(path)
     bad = non_finite_tensor(state)
     if bad is not None:
         raise NonFiniteStateError(f"not saving {path}: {bad} holds NaN or infinite values")
+    return atomic_write(path, lambda f: torch.save(state, f), what="checkpoint")
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], what: str = "file",
+                 pause_env: str | None = None) -> Path:
+    """Call write(binary file) on a temp file in path's folder, fsync, rename over `path`, fsync the folder.
+
+    A process killed at any moment leaves either the previous file or the new one, never a torn file. A
+    failed write (a full disk) is an OSError naming the file, the previous one kept. pause_env names an
+    environment variable holding seconds to wait before the rename (tests kill the process there)."""
+    path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, f"checkpoint path {path} is a directory, not a file")
+        raise IsADirectoryError(errno.EISDIR, f"{what} path {path} is a directory, not a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path)
     # the writer's pid in the name lets a later save tell a dead writer's leftover from a live writer's file
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if pause_env and os.environ.get(pause_env):
+            time.sleep(float(os.environ[pause_env]))
         os.replace(tmp, path)
     except Exception as e:
         Path(tmp).unlink(missing_ok=True)
-        raise _write_error(path, e) from e
+        raise _write_error(path, e, what) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -88,8 +98,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def _write_error(path: Path, e: Exception) -> OSError:
-    """One OSError for every way a save fails; torch's zip writer reports a full disk as a RuntimeError
+def _write_error(path: Path, e: Exception, what: str) -> OSError:
+    """One OSError for every way a write fails; torch's zip writer reports a full disk as a RuntimeError
     ("unexpected pos"), so a nearly full disk is named as the likely cause."""
     code = getattr(e, "errno", None)
     free = shutil.disk_usage(path.parent).free
@@ -98,7 +108,7 @@ def _write_error(path: Path, e: Exception) -> OSError:
     else:
         reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1]
     kept = f"; the previous {path.name} is kept" if path.is_file() else ""
-    return OSError(code or errno.EIO, f"could not write checkpoint {path}: {reason}{kept}")
+    return OSError(code or errno.EIO, f"could not write {what} {path}: {reason}{kept}")
 
 
 def remove_stale_temp_files(path: str | Path) -> list[Path]:
