@@ -6,15 +6,34 @@ Data parallel: `torchrun --nproc_per_node=N train.py ...` (gloo on CPU, nccl on 
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import replace
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from model import GPT
+from model.cli import duration, human, report_errors, resolve_device
+from model.config import GPTConfig, TrainConfig, build, help_lines, parse_overrides, read_toml, to_dict
+from model.flops import peaks
+from model.flops.formulas import train_step_flops
+from model.flops.planner import plan_run
+from model.training.checkpoint import (FORMAT, load_checkpoint, load_weights, rng_state, save_checkpoint,
+                                       set_rng_state)
+from model.training.data import Batches, ensure_dataset, load_meta
+from model.training.optim import clip_and_step
+from model.training.runtime import cpu_process_settings, describe_matmul_precision, matmul_precision
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.toml"
@@ -47,18 +66,7 @@ def lr_at(step: int, cfg) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def resolve_device(name: str):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available; use --device=cpu")
-    return device
-
-
 def resolve_dtype(name: str, device) -> str:
-    import torch
     if name == "auto":
         return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if name == "bfloat16" and device.type == "cpu":
@@ -77,32 +85,26 @@ class Distributed:
         self.master = self.rank == 0
 
     def setup(self, device):
-        import torch
-        import torch.distributed as dist
         if not self.enabled:
             return device
         if device.type == "cuda":
             device = torch.device(f"cuda:{self.local_rank}")
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         return device
 
     def mean(self, value: float, device) -> float:
         if not self.enabled:
             return value
-        import torch
-        import torch.distributed as dist
         t = torch.tensor([value], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
+        torch_dist.all_reduce(t)
         return t.item() / self.world
 
     def any(self, flag: bool, device) -> bool:
         if not self.enabled:
             return flag
-        import torch
-        import torch.distributed as dist
         t = torch.tensor([int(flag)], device=device)  # nccl reduces only CUDA tensors
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
         return bool(t.item())
 
     def teardown(self):
@@ -111,16 +113,13 @@ class Distributed:
         worker thread that waits for the GIL to free a tensor: a deadlock at exit, seen in about 1 of 4
         two-rank CPU runs. Here the group is shut down by destroy_process_group instead."""
         if self.enabled:
-            import gc
-            import torch.distributed as dist
             gc.collect()  # the wrapper sits in reference cycles (module hooks)
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            if torch_dist.is_initialized():
+                torch_dist.destroy_process_group()
 
 
 def evaluate(model, loaders, eval_iters: int, autocast, dist: Distributed, device) -> dict[str, float]:
     """Mean loss over the same eval_iters batches per split every time (their sampler restarts from its seed)."""
-    import torch
     out = {}
     model.eval()
     with torch.inference_mode():
@@ -171,25 +170,71 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
-def human(n: float, unit: str = "") -> str:
-    for scale, suffix in ((1e24, "Y"), (1e21, "Z"), (1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"),
-                          (1e6, "M"), (1e3, "k")):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {suffix}{unit}"
-    return f"{n:.3g} {unit}"
-
-
-def seconds_str(s: float) -> str:
-    if s < 120:
-        return f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    if s < 172800:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} days"
-
-
 # ----------------------------------------------------------------------------------------------------
+# One run: setup (devices, checks, model, data), resume, the loop (one step at a time), evaluation and
+# checkpoints, teardown. The state they share is a Run.
+
+@dataclass
+class Run:
+    """What the steps of one training run share; the fields after `meta` are filled in by setup()."""
+
+    model_cfg: GPTConfig
+    cfg: TrainConfig
+    dist: Distributed
+    device: torch.device
+    dtype: str
+    meta: dict
+    autocast: Any = None
+    raw_model: GPT | None = None
+    model: Any = None  # what a training step calls: raw_model, compiled and/or wrapped in DDP
+    eval_model: Any = None  # never the DDP wrapper: evaluation needs no gradient sync
+    optimizer: Any = None
+    train_batches: Batches | None = None
+    eval_loaders: dict[str, Batches] = field(default_factory=dict)
+    step: int = 0
+    best_val: float = float("inf")
+    resumed_at: int = -1  # the step resumed from: its evaluation is in the checkpoint already
+    peak: float = 0.0  # peak FLOP/s of one process
+    peak_desc: str = ""
+    calibrated_at: float = 0.0
+    metrics: TextIO | None = None
+    bar: Any = None
+    last_losses: dict[str, float] = field(default_factory=dict)
+    step_times: list[float] = field(default_factory=list)
+    tokens_per_step: int = 0
+    flops_per_step: int = 0  # exact training FLOPs of one optimizer step, all ranks together
+    start_step: int = 0
+    started: float = 0.0
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def last_path(self) -> Path:
+        return self.out_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / "best.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    @property
+    def local_accum(self) -> int:
+        return self.cfg.grad_accum // self.dist.world
+
+    @property
+    def my_micro(self) -> range:
+        """The global indices of the micro-batches this rank computes."""
+        return range(self.dist.rank * self.local_accum, (self.dist.rank + 1) * self.local_accum)
+
+    @property
+    def peak_total(self) -> float:
+        return self.peak * self.dist.world
+
 
 def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     """Run training; returns a summary dict. Raises ValueError/FileNotFoundError for bad setups and
@@ -198,244 +243,305 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     Float32 matmuls run at cfg.matmul_precision for the run (on CUDA: those left outside autocast). torch keeps
     that setting process-wide, so it is put back afterwards for callers in the same process.
     """
-    from model.training.runtime import matmul_precision
     with matmul_precision(cfg.matmul_precision, resolve_device(cfg.device).type):
         return _train(model_cfg, cfg, stop_flag=stop_flag)
 
 
 def _train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
-    import torch
-    from tqdm import tqdm
-
-    from model import GPT
-    from model.training.checkpoint import (FORMAT, load_checkpoint, load_weights, rng_state, save_checkpoint,
-                                  set_rng_state)
-    from model.config import to_dict
-    from model.training.data import Batches, load_meta
-    from model.flops.formulas import train_step_flops
-    from model.training.optim import clip_and_step
-    from model.flops.peaks import measure_cpu_peak, mfu, peak_flops
-    from model.flops.planner import plan_run
-    from model.training.runtime import describe_matmul_precision
-
     stop_flag = stop_flag if stop_flag is not None else {}
+    run = setup(model_cfg, cfg)
+    start_outputs(run)
+    try:
+        loop(run, stop_flag)
+    finally:
+        teardown(run)
+    return summarize(run)
+
+
+# ---- setup and resume
+
+def setup(model_cfg, cfg) -> Run:
+    """Devices and processes, the checks that need the dataset, then model, optimizer and batches; resumed
+    from out_dir/last.pt when cfg.resume."""
     dist = Distributed()
     device = dist.setup(resolve_device(cfg.device))
-    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.grad_accum % dist.world:
         raise ValueError(f"grad_accum={cfg.grad_accum} must be divisible by the number of processes ({dist.world})")
-    local_accum = cfg.grad_accum // dist.world
-    my_micro = range(dist.rank * local_accum, (dist.rank + 1) * local_accum)  # global micro-batch indices
-    out_dir = Path(cfg.out_dir)
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    metrics_path = out_dir / "metrics.jsonl"
-
     meta = load_meta(cfg.dataset)
     if model_cfg.vocab_size < meta["vocab_size"]:
         raise ValueError(f"vocab_size={model_cfg.vocab_size} is smaller than the dataset's {meta['vocab_size']} "
                          f"({cfg.dataset}/meta.json)")
+    run = Run(model_cfg, cfg, dist, device, resolve_dtype(cfg.dtype, device), meta)
+    T = model_cfg.block_size
+    run.tokens_per_step = cfg.batch_size * T * cfg.grad_accum
+    run.flops_per_step = train_step_flops(model_cfg, cfg.batch_size, T) * cfg.grad_accum
+    ckpt = open_resume_checkpoint(run)
+    build_model(run)
+    if ckpt is not None:
+        resume(run, ckpt)
+    run.peak, run.peak_desc = peaks.peak_flops(device, cfg.peak_flops)
+    run.calibrated_at = time.perf_counter()
+    return run
 
-    ckpt = None
-    if cfg.resume:
-        ckpt = load_checkpoint(last_path)
-        if ckpt.get("format") != FORMAT:
-            raise ValueError(f"{last_path}: not a flopgpt checkpoint")
-        if ckpt["model_config"] != to_dict(model_cfg):
-            diff = {k: (v, to_dict(model_cfg).get(k)) for k, v in ckpt["model_config"].items()
-                    if to_dict(model_cfg).get(k) != v}
-            raise ValueError(f"{last_path}: checkpoint is from a different model config "
-                             f"(checkpoint vs now: {diff})")
-        if ckpt.get("meta") != meta:
-            raise ValueError(f"{last_path}: checkpoint was trained on a different dataset than {cfg.dataset}")
-    elif last_path.exists() and not cfg.overwrite:
-        raise ValueError(f"{out_dir} already holds a checkpoint ({last_path.name}); pass --resume to continue "
-                         f"it or --overwrite to start afresh")
 
+def open_resume_checkpoint(run: Run) -> dict | None:
+    """With cfg.resume: out_dir/last.pt, checked against this run's model config and dataset. Without it:
+    None, or ValueError when out_dir already holds a checkpoint that --overwrite does not allow to replace."""
+    cfg, path = run.cfg, run.last_path
+    if not cfg.resume:
+        if path.exists() and not cfg.overwrite:
+            raise ValueError(f"{run.out_dir} already holds a checkpoint ({path.name}); pass --resume to continue "
+                             f"it or --overwrite to start afresh")
+        return None
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a flopgpt checkpoint")
+    now = to_dict(run.model_cfg)
+    if ckpt["model_config"] != now:
+        diff = {k: (v, now.get(k)) for k, v in ckpt["model_config"].items() if now.get(k) != v}
+        raise ValueError(f"{path}: checkpoint is from a different model config (checkpoint vs now: {diff})")
+    if ckpt.get("meta") != run.meta:
+        raise ValueError(f"{path}: checkpoint was trained on a different dataset than {cfg.dataset}")
+    return ckpt
+
+
+def build_model(run: Run) -> None:
+    """Seeded model (compiled, DDP-wrapped as configured), its optimizer, and the train and eval batches."""
+    cfg, device = run.cfg, run.device
     torch.manual_seed(cfg.seed)
     if device.type == "cpu":
-        from model.training.runtime import cpu_process_settings
-        cpu_process_settings()  # keep freed activations for reuse (glibc); see model/runtime.py
+        cpu_process_settings()  # keep freed activations for reuse (glibc); see model/training/runtime.py
     if device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = True
-    precision = torch.get_float32_matmul_precision()  # set by train() for this run
-    autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
-                else nullcontext())
-
-    raw_model = GPT(model_cfg).to(device)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    eval_model = model  # never the DDP wrapper: evaluation needs no gradient sync
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = raw_model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
-
-    T = model_cfg.block_size
+    run.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if run.dtype == "bfloat16"
+                    else nullcontext())
+    run.raw_model = GPT(run.model_cfg).to(device)
+    run.eval_model = torch.compile(run.raw_model) if cfg.compile else run.raw_model
+    run.model = run.eval_model
+    if run.dist.enabled:
+        run.model = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None)
+    run.optimizer = run.raw_model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
+    T = run.model_cfg.block_size
     # every rank draws every micro-batch's offsets and gathers only its own: N ranks x accum/N see the same
     # data as one process with the full accumulation
-    train_batches = Batches(cfg.dataset, "train", T, cfg.batch_size, seed=cfg.seed, device=device)
-    eval_loaders = {split: Batches(cfg.dataset, split, T, cfg.batch_size, seed=cfg.seed + 1, device=device)
-                    for split in ("train", "val")}
+    run.train_batches = Batches(cfg.dataset, "train", T, cfg.batch_size, seed=cfg.seed, device=device)
+    run.eval_loaders = {split: Batches(cfg.dataset, split, T, cfg.batch_size, seed=cfg.seed + 1, device=device)
+                        for split in ("train", "val")}
 
-    step, best_val = 0, float("inf")
-    if ckpt is not None:
-        load_weights(raw_model, ckpt["model"], last_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        train_batches.load_state_dict(ckpt["batches"])
-        set_rng_state(ckpt["rng"])
-        step, best_val = int(ckpt["step"]), float(ckpt["best_val_loss"])
-        if step > cfg.max_iters:
-            raise ValueError(f"{last_path} is at step {step}, beyond max_iters={cfg.max_iters}")
 
-    def state(at_step: int) -> dict:
-        return {"format": FORMAT, "step": at_step, "best_val_loss": best_val,
-                "model": raw_model.state_dict(), "model_config": to_dict(model_cfg),
-                "train_config": to_dict(cfg), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                "batches": train_batches.state_dict(), "meta": meta, "dataset": str(cfg.dataset)}
+def resume(run: Run, ckpt: dict) -> None:
+    """Weights, optimizer, batch sampler, RNG, step and best val loss from the checkpoint: bit-exact."""
+    load_weights(run.raw_model, ckpt["model"], run.last_path)
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.train_batches.load_state_dict(ckpt["batches"])
+    set_rng_state(ckpt["rng"])
+    run.step, run.best_val = int(ckpt["step"]), float(ckpt["best_val_loss"])
+    run.resumed_at = run.step
+    if run.step > run.cfg.max_iters:
+        raise ValueError(f"{run.last_path} is at step {run.step}, beyond max_iters={run.cfg.max_iters}")
 
-    tokens_per_step = cfg.batch_size * T * cfg.grad_accum
-    flops_per_step = train_step_flops(model_cfg, cfg.batch_size, T) * cfg.grad_accum  # all ranks together
-    peak, peak_desc = peak_flops(device, cfg.peak_flops)
-    peak_total = peak * dist.world
-    # one busy moment at start-up would read the CPU peak low for the whole run (MFU over 100% was seen):
-    # calibrate again at evaluations, at most every RECALIBRATE_S, and keep the highest reading
-    recalibrate = device.type == "cpu" and not cfg.peak_flops
-    calibrated_at = time.perf_counter()
 
-    remaining = cfg.max_iters - step
+def trim_metrics(path: Path, step: int) -> None:
+    """On resume: drop the records after `step`, which the resumed steps will write again."""
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def start_outputs(run: Run) -> None:
+    """out_dir and metrics.jsonl (trimmed on resume, emptied otherwise), the model and plan lines, the bar."""
+    dist = run.dist
     if dist.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if ckpt is not None and metrics_path.exists():  # drop records the resumed steps will write again
-            keep = [ln for ln in metrics_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-            metrics_path.write_text("".join(ln + "\n" for ln in keep))
-        elif ckpt is None:
-            metrics_path.write_text("")
-        print(f"model: {raw_model.num_params():,} parameters ({raw_model.num_params(True):,} non-embedding); "
-              f"{dist.world} process(es) on {device}, {dtype}; {describe_matmul_precision(precision, device.type)}",
-              file=sys.stderr)
-    if dist.master and remaining > 0:
-        plan = plan_run(model_cfg, remaining * tokens_per_step, T, peak_total)
-        print(f"plan: {remaining} steps x {tokens_per_step:,} tokens = {plan['tokens']:,} tokens; exact training "
-              f"compute {plan['flops']:.4g} FLOPs ({plan['scale']}; 6ND would say {plan['flops_6nd']:.4g}); "
-              f"estimated {seconds_str(plan['seconds'])} at {plan['mfu']:.0%} MFU of "
-              f"{human(peak_total, 'FLOP/s')} ({peak_desc})", file=sys.stderr)
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        if run.resumed_at >= 0:
+            trim_metrics(run.metrics_path, run.step)
+        else:
+            run.metrics_path.write_text("")
+        announce(run)
+        run.metrics = run.metrics_path.open("a")
+    run.bar = tqdm(total=run.cfg.max_iters, initial=run.step, disable=not (dist.master and run.cfg.progress),
+                   dynamic_ncols=True, file=sys.stderr)
+    run.start_step, run.started = run.step, time.perf_counter()
+    run.model.train()
 
-    metrics = metrics_path.open("a") if dist.master else None
-    bar = tqdm(total=cfg.max_iters, initial=step, disable=not (dist.master and cfg.progress),
-               dynamic_ncols=True, file=sys.stderr)
-    last_losses: dict[str, float] = {}
-    step_times: list[float] = []
-    start_step, t_run = step, time.perf_counter()
-    resumed_at = step if ckpt is not None else -1
-    model.train()
-    try:
-        while True:
-            last_step = step == cfg.max_iters
-            if (step % cfg.eval_interval == 0 or last_step) and step != resumed_at:
-                last_losses = evaluate(eval_model, eval_loaders, cfg.eval_iters,
-                                       autocast, dist, device)
-                if dist.master:
-                    metrics.write(json.dumps({"kind": "eval", "step": step, "train_loss": last_losses["train"],
-                                              "val_loss": last_losses["val"]}) + "\n")
-                    metrics.flush()
-                    bar.write(f"step {step}: train loss {last_losses['train']:.4f}, val loss "
-                              f"{last_losses['val']:.4f}", file=sys.stderr)  # stdout stays clean
-                    if last_losses["val"] < best_val:
-                        best_val = last_losses["val"]
-                        save_checkpoint(state(step), best_path)
-                    save_checkpoint(state(step), last_path)
-                if recalibrate and time.perf_counter() - calibrated_at >= RECALIBRATE_S:
-                    peak = max(peak, measure_cpu_peak())
-                    peak_total, calibrated_at = peak * dist.world, time.perf_counter()
-            if last_step:
-                break
 
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                if micro not in my_micro:
-                    train_batches.skip()
-                    continue
-                x, y = train_batches.next()
-                last_micro = micro == my_micro[-1]
-                sync = nullcontext() if (last_micro or not dist.enabled) else model.no_sync()
-                with sync:
-                    with autocast:
-                        _, loss = model(x, y)
-                    (loss / local_accum).backward()
-                loss_sum += loss.detach()
-            # the norm stays a tensor until after the step: an .item() here would make the host wait for the
-            # GPU before it can queue the optimizer kernels
-            grad_norm = clip_and_step(optimizer, cfg.grad_clip)  # clipping rides in the fused AdamW kernel
-            optimizer.zero_grad(set_to_none=True)
-            grad_norm = grad_norm.item() if grad_norm is not None else float("nan")
-            loss_value = dist.mean(loss_sum.item() / local_accum, device)
-            dt = time.perf_counter() - t0
-            step += 1
-            if not math.isfinite(loss_value):
-                kept = f"{last_path} (step {load_checkpoint(last_path)['step']})" if last_path.exists() else "none"
-                raise TrainingStopped(f"loss is {loss_value} at step {step}; stopping. Last good checkpoint: "
-                                      f"{kept}", 1)
-            step_times.append(dt)
-            tok_s = tokens_per_step / dt
-            step_mfu = mfu(flops_per_step, dt, peak_total)
-            if dist.master:
-                metrics.write(json.dumps({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                                          "dt_ms": dt * 1e3, "tokens_per_s": tok_s, "mfu": step_mfu,
-                                          "flops": flops_per_step}) + "\n")
-                bar.set_postfix_str(f"loss {loss_value:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s mfu {step_mfu:.1%}",
-                                    refresh=False)
-                bar.update(1)
-            if dist.any(bool(stop_flag.get("signal")), device):  # every rank stops at the same step
-                name = stop_flag.get("signal", "SIGTERM")
-                if dist.master:
-                    save_checkpoint(state(step), last_path)
-                raise TrainingStopped(f"{name} received: stopped after step {step}; checkpoint saved to "
-                                      f"{last_path} (resume with --resume)", 130 if name == "SIGINT" else 143)
-    finally:
-        bar.close()
-        if metrics is not None:
-            metrics.close()
-            if metrics_path.stat().st_size:
-                plot_losses(metrics_path, out_dir / "loss.png")
-        model = None  # the DDP wrapper must be gone before the process group is: see Distributed.teardown
-        dist.teardown()
+def announce(run: Run) -> None:
+    """The model line and, when steps remain, the plan line: exact compute and estimated time."""
+    m, precision = run.raw_model, torch.get_float32_matmul_precision()  # set by train() for this run
+    print(f"model: {m.num_params():,} parameters ({m.num_params(True):,} non-embedding); {run.dist.world} "
+          f"process(es) on {run.device}, {run.dtype}; {describe_matmul_precision(precision, run.device.type)}",
+          file=sys.stderr)
+    remaining = run.cfg.max_iters - run.step
+    if remaining > 0:
+        plan = plan_run(run.model_cfg, remaining * run.tokens_per_step, run.model_cfg.block_size, run.peak_total)
+        print(f"plan: {remaining} steps x {run.tokens_per_step:,} tokens = {plan['tokens']:,} tokens; exact "
+              f"training compute {plan['flops']:.4g} FLOPs ({plan['scale']}; 6ND would say "
+              f"{plan['flops_6nd']:.4g}); estimated {duration(plan['seconds'])} at {plan['mfu']:.0%} MFU of "
+              f"{human(run.peak_total, 'FLOP/s')} ({run.peak_desc})", file=sys.stderr)
 
-    done = step - start_step
-    elapsed = time.perf_counter() - t_run
-    timed = sorted(step_times[1:] or step_times)  # the first step pays for allocation/compilation
+
+# ---- the loop
+
+def loop(run: Run, stop_flag: dict) -> None:
+    """Evaluate (and checkpoint) every eval_interval steps and at the end; a step between evaluations."""
+    cfg = run.cfg
+    while True:
+        last_step = run.step == cfg.max_iters
+        if (run.step % cfg.eval_interval == 0 or last_step) and run.step != run.resumed_at:
+            evaluate_and_checkpoint(run)
+        if last_step:
+            return
+        record = train_step(run)
+        check_finite(run, record["loss"])
+        write_record(run, record)
+        if run.dist.master:
+            run.bar.set_postfix_str(f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                                    f"{record['tokens_per_s']:,.0f} tok/s mfu {record['mfu']:.1%}", refresh=False)
+            run.bar.update(1)
+        check_stop(run, stop_flag)
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step over grad_accum micro-batches (this rank's share of them); returns its record."""
+    cfg, dist = run.cfg, run.dist
+    t0 = time.perf_counter()
+    lr = lr_at(run.step, cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=run.device)
+    my_micro = run.my_micro
+    for micro in range(cfg.grad_accum):
+        if micro not in my_micro:
+            run.train_batches.skip()
+            continue
+        x, y = run.train_batches.next()
+        sync = nullcontext() if (micro == my_micro[-1] or not dist.enabled) else run.model.no_sync()
+        with sync:
+            with run.autocast:
+                _, loss = run.model(x, y)
+            (loss / run.local_accum).backward()
+        loss_sum += loss.detach()
+    # the norm stays a tensor until after the step: an .item() here would make the host wait for the
+    # GPU before it can queue the optimizer kernels
+    grad_norm = clip_and_step(run.optimizer, cfg.grad_clip)  # clipping rides in the fused AdamW kernel
+    run.optimizer.zero_grad(set_to_none=True)
+    grad_norm = grad_norm.item() if grad_norm is not None else float("nan")
+    loss_value = dist.mean(loss_sum.item() / run.local_accum, run.device)
+    dt = time.perf_counter() - t0
+    run.step += 1
+    run.step_times.append(dt)
+    return {"step": run.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "dt_ms": dt * 1e3,
+            "tokens_per_s": run.tokens_per_step / dt, "mfu": progress_mfu(run, dt), "flops": run.flops_per_step}
+
+
+def progress_mfu(run: Run, seconds: float) -> float:
+    """MFU of a step that took `seconds`, against the peak of all ranks (the progress line and step records)."""
+    return peaks.mfu(run.flops_per_step, seconds, run.peak_total)
+
+
+def check_finite(run: Run, loss: float) -> None:
+    """A non-finite loss ends the run (exit code 1), naming the last good checkpoint."""
+    if not math.isfinite(loss):
+        path = run.last_path
+        kept = f"{path} (step {load_checkpoint(path)['step']})" if path.exists() else "none"
+        raise TrainingStopped(f"loss is {loss} at step {run.step}; stopping. Last good checkpoint: {kept}", 1)
+
+
+def check_stop(run: Run, stop_flag: dict) -> None:
+    """After a signal (see install_signal_handlers): save last.pt and stop, every rank at the same step."""
+    if run.dist.any(bool(stop_flag.get("signal")), run.device):
+        name = stop_flag.get("signal", "SIGTERM")
+        save_checkpoints(run)
+        raise TrainingStopped(f"{name} received: stopped after step {run.step}; checkpoint saved to "
+                              f"{run.last_path} (resume with --resume)", 130 if name == "SIGINT" else 143)
+
+
+def write_record(run: Run, record: dict, flush: bool = False) -> None:
+    """One line of metrics.jsonl: a step record, or an evaluation's (kind "eval"). Rank 0 writes."""
+    if run.metrics is not None:
+        run.metrics.write(json.dumps(record) + "\n")
+        if flush:
+            run.metrics.flush()
+
+
+# ---- evaluation and checkpoints
+
+def evaluate_and_checkpoint(run: Run) -> None:
+    """Evaluate both splits, record and print the losses, save last.pt (and best.pt on a new best val loss);
+    on a CPU without a given peak, calibrate the peak again (at most every RECALIBRATE_S, the highest kept):
+    one busy moment at start-up would otherwise read it low for the whole run."""
+    losses = evaluate(run.eval_model, run.eval_loaders, run.cfg.eval_iters, run.autocast, run.dist, run.device)
+    run.last_losses = losses
+    if run.dist.master:
+        write_record(run, {"kind": "eval", "step": run.step, "train_loss": losses["train"],
+                           "val_loss": losses["val"]}, flush=True)
+        run.bar.write(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
+                      file=sys.stderr)  # stdout stays clean
+        save_checkpoints(run, new_best=losses["val"] < run.best_val)
+    if run.device.type == "cpu" and not run.cfg.peak_flops and \
+            time.perf_counter() - run.calibrated_at >= RECALIBRATE_S:
+        run.peak, run.calibrated_at = max(run.peak, peaks.measure_cpu_peak()), time.perf_counter()
+
+
+def checkpoint_state(run: Run) -> dict:
+    """Everything a bit-exact resume needs, plus what sample.py and load_model read."""
+    return {"format": FORMAT, "step": run.step, "best_val_loss": run.best_val,
+            "model": run.raw_model.state_dict(), "model_config": to_dict(run.model_cfg),
+            "train_config": to_dict(run.cfg), "optimizer": run.optimizer.state_dict(), "rng": rng_state(),
+            "batches": run.train_batches.state_dict(), "meta": run.meta, "dataset": str(run.cfg.dataset)}
+
+
+def save_checkpoints(run: Run, new_best: bool = False) -> None:
+    """Rank 0 saves last.pt; with new_best, the val loss just evaluated becomes the best and best.pt too."""
+    if not run.dist.master:
+        return
+    if new_best:
+        run.best_val = run.last_losses["val"]
+        save_checkpoint(checkpoint_state(run), run.best_path)
+    save_checkpoint(checkpoint_state(run), run.last_path)
+
+
+# ---- teardown
+
+def teardown(run: Run) -> None:
+    """Close the bar and metrics.jsonl, plot loss.png, and leave the process group (after the DDP wrapper)."""
+    run.bar.close()
+    if run.metrics is not None:
+        run.metrics.close()
+        if run.metrics_path.stat().st_size:
+            plot_losses(run.metrics_path, run.out_dir / "loss.png")
+    run.model = None  # the DDP wrapper must be gone before the process group is: see Distributed.teardown
+    run.dist.teardown()
+
+
+def summarize(run: Run) -> dict:
+    """The summary train() returns; rank 0 prints it as the done line."""
+    done, elapsed = run.step - run.start_step, time.perf_counter() - run.started
+    timed = sorted(run.step_times[1:] or run.step_times)  # the first step pays for allocation/compilation
     median_dt = timed[len(timed) // 2] if timed else float("nan")
-    summary = {"step": step, "train_loss": last_losses.get("train"), "val_loss": last_losses.get("val"),
-               "best_val_loss": best_val, "tokens": done * tokens_per_step, "flops": done * flops_per_step,
-               "seconds": elapsed, "median_step_s": median_dt,
-               "tokens_per_s": tokens_per_step / median_dt if timed else float("nan"),
-               "mfu": mfu(flops_per_step, median_dt, peak_total) if timed else float("nan"),
-               "peak_flops": peak_total,
-               "out_dir": str(out_dir)}
-    if dist.master:
-        print(f"done: {done} steps, {summary['tokens']:,} tokens, {summary['flops']:.4g} FLOPs achieved "
-              f"in {seconds_str(elapsed)} (median {median_dt * 1e3:.1f} ms/step, "
-              f"{summary['tokens_per_s']:,.0f} tok/s, MFU {summary['mfu']:.1%} of {human(peak_total, 'FLOP/s')}); "
-              f"best val loss {best_val:.4f}; "
-              f"checkpoints in {out_dir}", file=sys.stderr)
+    summary = {"step": run.step, "train_loss": run.last_losses.get("train"),
+               "val_loss": run.last_losses.get("val"), "best_val_loss": run.best_val,
+               "tokens": done * run.tokens_per_step, "flops": done * run.flops_per_step, "seconds": elapsed,
+               "median_step_s": median_dt,
+               "tokens_per_s": run.tokens_per_step / median_dt if timed else float("nan"),
+               "mfu": progress_mfu(run, median_dt) if timed else float("nan"), "peak_flops": run.peak_total,
+               "out_dir": str(run.out_dir)}
+    if run.dist.master:
+        print(f"done: {done} steps, {summary['tokens']:,} tokens, {summary['flops']:.4g} FLOPs achieved in "
+              f"{duration(elapsed)} (median {median_dt * 1e3:.1f} ms/step, {summary['tokens_per_s']:,.0f} tok/s, "
+              f"MFU {summary['mfu']:.1%} of {human(run.peak_total, 'FLOP/s')}); best val loss {run.best_val:.4f}; "
+              f"checkpoints in {run.out_dir}", file=sys.stderr)
     return summary
 
 
+# ----------------------------------------------------------------------------------------------------
+# The command line
+
 def configs_from_argv(argv: list[str]):
     """[CONFIG.toml] [--key=value ...] -> (GPTConfig, TrainConfig); vocab_size comes from the dataset."""
-    from model.config import GPTConfig, TrainConfig, build, parse_overrides, read_toml
-    from model.training.data import ensure_dataset, load_meta
-
-    path = None
-    if argv and not argv[0].startswith("--"):
-        path = argv[0]
-        argv = argv[1:]
-    elif not argv or all(a.startswith("--") for a in argv):
-        path = DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+    path, overrides = split_argv(argv)
     values = read_toml(path) if path else {}
-    values.update(parse_overrides(argv))
+    values.update(parse_overrides(overrides))
     _, train_cfg = build((GPTConfig, TrainConfig), values, defaults={"vocab_size": 1})
     dataset = ensure_dataset(train_cfg.dataset)
     train_cfg = replace(train_cfg, dataset=str(dataset))
@@ -445,47 +551,63 @@ def configs_from_argv(argv: list[str]):
     return model_cfg, train_cfg
 
 
-def print_help() -> None:
-    from model.config import GPTConfig, TrainConfig
+def split_argv(argv: list[str]) -> tuple[Path | None, list[str]]:
+    """(config path, overrides): the config named first, else configs/default.toml when every argument is an
+    override."""
+    if argv and not argv[0].startswith("--"):
+        return Path(argv[0]), argv[1:]
+    return (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None), argv
+
+
+def print_help(argv: list[str]) -> None:
+    """The keys with the values the same command without --help would use, and what each one means."""
+    path, overrides = split_argv([a for a in argv if a not in ("-h", "--help")])
+    values = {**(read_toml(path) if path else {}), **parse_overrides(overrides)}
+    dataset = Path(str(values.get("dataset", TrainConfig.dataset)))
+    if "vocab_size" not in values:
+        meta = dataset / "meta.json"
+        values["vocab_size"] = load_meta(dataset)["vocab_size"] if meta.is_file() else "<meta.json>"
+    source = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}" if path else "the defaults"
     print(__doc__.strip() + "\n\n" + USAGE + "\n")
-    for cls in (GPTConfig, TrainConfig):
-        print(f"{cls.__name__} keys (default):")
-        for f in cls.__dataclass_fields__.values():
-            print(f"  --{f.name}={f.default!r}")
+    print(f"Keys, with the values of {source}{' and the overrides given' if overrides else ''} "
+          f"(docs/config.md describes them all):")
+    for cls, title in ((GPTConfig, "model"), (TrainConfig, "training")):
+        print(f"{title} ({cls.__name__}):")
+        print("\n".join(help_lines(cls, values)))
+
+
+@contextmanager
+def install_signal_handlers(stop_flag: dict):
+    """SIGINT and SIGTERM set stop_flag["signal"]: the run finishes its step, saves and exits (check_stop).
+    The previous handlers come back on the way out."""
+    def on_signal(signum, frame):
+        stop_flag["signal"] = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_cli(argv: list[str]) -> int:
+    model_cfg, train_cfg = configs_from_argv(argv)
+    stop_flag: dict = {}
+    with install_signal_handlers(stop_flag):
+        try:
+            train(model_cfg, train_cfg, stop_flag=stop_flag)
+        except TrainingStopped as e:
+            print(f"train.py: {e}", file=sys.stderr)
+            return e.code
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print_help()
-        return 0
-    sys.path.insert(0, str(ROOT))
-    try:
-        model_cfg, train_cfg = configs_from_argv(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-
-    stop_flag: dict = {}
-    handlers = {}
-
-    def on_signal(signum, frame):
-        stop_flag["signal"] = signal.Signals(signum).name  # finish the step, save, exit
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        handlers[sig] = signal.signal(sig, on_signal)
-    try:
-        train(model_cfg, train_cfg, stop_flag=stop_flag)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return e.code
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    return 0
+        return report_errors("train.py", lambda: print_help(argv) or 0)
+    return report_errors("train.py", lambda: run_cli(argv))
 
 
 if __name__ == "__main__":

@@ -19,40 +19,39 @@ ATTENTIONS = ("sdpa", "manual")
 ACTIVATIONS = ("gelu_tanh", "gelu")
 LR_SCHEDULES = ("cosine", "linear")
 MATMUL_PRECISIONS = ("auto", "highest", "high", "medium")  # torch.set_float32_matmul_precision's, plus auto
+DTYPES = ("auto", "float32", "bfloat16")
+
+
+def key(default: Any, help: str, **allowed: Any) -> Any:
+    """A config field: its default, its one-line description (shown by --help and in docs/config.md), and the
+    values it accepts, as keyword arguments of check() (low, high, open_low, open_high, choices)."""
+    return dataclasses.field(default=default, metadata={"help": help, "allowed": allowed})
 
 
 @dataclass(frozen=True)
 class GPTConfig:
     """The shape of the model. Defaults are GPT-2 124M."""
 
-    vocab_size: int = 50257  # number of token ids the embedding and the head cover
-    block_size: int = 1024  # longest context (positions) the model accepts
-    n_layer: int = 12  # number of transformer blocks
-    n_head: int = 12  # attention heads per block; n_embd must divide evenly among them
-    n_embd: int = 768  # residual stream width d
-    dropout: float = 0.0  # dropout on attention weights and residual branches (training only)
-    bias: bool = True  # biases in Linear layers and LayerNorms (GPT-2 has them)
-    pos_encoding: str = "learned"  # "learned" (GPT-2's wpe table) or "sinusoidal" (fixed, Vaswani et al.)
-    attention: str = "sdpa"  # "sdpa" (fused kernel) or "manual" (q@kᵀ, masked softmax, att@v as separate ops)
-    # MLP activation: "gelu_tanh" (GPT-2's tanh approximation, needed to reproduce its logits) or "gelu"
-    # (exact erf form, nanoGPT's; about twice as fast as the tanh form on CPU, see the README, "Training speed")
-    activation: str = "gelu_tanh"
+    vocab_size: int = key(50257, "token ids the embedding and the head cover (train.py reads it from the dataset)",
+                          low=1)
+    block_size: int = key(1024, "longest context (positions) the model accepts", low=1)
+    n_layer: int = key(12, "transformer blocks", low=1)
+    n_head: int = key(12, "attention heads per block; n_embd must divide evenly among them", low=1)
+    n_embd: int = key(768, "residual stream width d", low=1)
+    dropout: float = key(0.0, "dropout on attention weights and residual branches (training only)", low=0, high=1,
+                         open_high=True)
+    bias: bool = key(True, "biases in Linear layers and LayerNorms (GPT-2 has them)")
+    pos_encoding: str = key("learned", "learned (GPT-2's wpe table) or sinusoidal (fixed, Vaswani et al.)",
+                            choices=POS_ENCODINGS)
+    attention: str = key("sdpa", "sdpa (one fused kernel) or manual (q@kᵀ, masked softmax, att@v as separate ops)",
+                         choices=ATTENTIONS)
+    activation: str = key("gelu_tanh", "MLP activation: gelu_tanh (GPT-2's tanh form, matches its logits) or gelu "
+                          "(exact erf form, nanoGPT's)", choices=ACTIVATIONS)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_fields(self)
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.pos_encoding not in POS_ENCODINGS:
-            raise ValueError(f"pos_encoding must be one of {POS_ENCODINGS}, got {self.pos_encoding!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
 
     @property
     def head_dim(self) -> int:
@@ -64,72 +63,90 @@ class TrainConfig:
     """Everything about a training run that is not the model's shape."""
 
     # data and output
-    dataset: str = "data/pydoc_char"  # dataset folder holding train.bin, val.bin, meta.json
-    out_dir: str = "out/default"  # where checkpoints, metrics.jsonl and the loss plot go
+    dataset: str = key("data/pydoc_char", "dataset folder holding train.bin, val.bin and meta.json")
+    out_dir: str = key("out/default", "where checkpoints, metrics.jsonl and loss.png go")
     # batch
-    batch_size: int = 12  # sequences per micro-batch (per process)
-    grad_accum: int = 1  # micro-batches per optimizer step (in total, across data-parallel ranks)
-    max_iters: int = 2000  # optimizer steps
-    # optimizer (AdamW, decoupled weight decay on 2-D weights only)
-    lr: float = 1e-3  # peak learning rate
-    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
-    warmup_iters: int = 100  # linear warmup steps from 0 to lr
-    lr_decay_iters: int = 0  # step where the decay reaches min_lr; 0 means max_iters
-    # shape of the decay after warmup: "cosine" (nanoGPT's) or "linear" (straight line to min_lr, which
-    # spends more steps at high lr and ends lower on short runs; see the README, "Training speed")
-    lr_schedule: str = "cosine"
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # clip the global gradient norm to this; 0 disables clipping
+    batch_size: int = key(12, "sequences per micro-batch (per process)", low=1)
+    grad_accum: int = key(1, "micro-batches per optimizer step, in total across data-parallel ranks", low=1)
+    max_iters: int = key(2000, "optimizer steps", low=1)
+    # optimizer: AdamW, decoupled weight decay on 2-D weights only
+    lr: float = key(1e-3, "peak learning rate", low=0)
+    min_lr: float = key(1e-4, "learning rate at the end of the decay", low=0)
+    warmup_iters: int = key(100, "linear warmup steps from 0 to lr", low=0)
+    lr_decay_iters: int = key(0, "step where the decay reaches min_lr; 0 means max_iters", low=0)
+    lr_schedule: str = key("cosine", "decay after warmup: cosine (nanoGPT's) or linear (a straight line to min_lr)",
+                           choices=LR_SCHEDULES)
+    weight_decay: float = key(0.1, "AdamW weight decay, applied to 2-D weights only", low=0)
+    beta1: float = key(0.9, "AdamW beta1 (first-moment decay)", low=0, high=1, open_high=True)
+    beta2: float = key(0.99, "AdamW beta2 (second-moment decay)", low=0, high=1, open_high=True)
+    grad_clip: float = key(1.0, "clip the global gradient norm to this; 0 disables clipping", low=0)
     # evaluation and checkpoints
-    eval_interval: int = 250  # evaluate (and checkpoint) every this many steps, and at the end
-    eval_iters: int = 20  # batches per split in an evaluation
+    eval_interval: int = key(250, "evaluate and checkpoint every this many steps, and at the end", low=1)
+    eval_iters: int = key(20, "batches per split in an evaluation", low=1)
     # system
-    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:N"
-    dtype: str = "auto"  # "auto" (bf16 autocast on cuda, fp32 on cpu), "float32", "bfloat16"
-    compile: bool = False  # torch.compile the model
-    # float32 matmuls (torch.set_float32_matmul_precision): "highest" (full fp32), "high" (TF32 on CUDA),
-    # "medium" (bf16 inputs, fp32 accumulation: on CUDA, and on CPUs with bf16 matmul units such as AMX, where
-    # recipe (a) ran 1.29-1.34x faster than in fp32; a no-op on other CPUs). "auto": "high" on CUDA (nanoGPT's TF32), "highest"
-    # on CPU. See the README, "Training speed".
-    matmul_precision: str = "auto"
-    seed: int = 1337
-    peak_flops: float = 0.0  # peak FLOP/s for MFU; 0 means look up the GPU or calibrate the CPU
-    resume: bool = False  # continue from out_dir/last.pt
-    overwrite: bool = False  # start afresh even though out_dir already holds a checkpoint
-    progress: bool = True  # show the tqdm progress bar
+    device: str = key("auto", "auto (cuda when available), cpu, cuda or cuda:N")
+    dtype: str = key("auto", "auto (bf16 autocast on cuda, fp32 on cpu), float32 or bfloat16", choices=DTYPES)
+    compile: bool = key(False, "torch.compile the model")
+    matmul_precision: str = key("auto", "float32 matmuls: highest (fp32), high (TF32 on CUDA), medium (bf16 inputs; "
+                                "CUDA, AMX CPUs); auto: high on CUDA, highest on CPU",
+                                choices=MATMUL_PRECISIONS)
+    seed: int = key(1337, "seed of the initialization, dropout and batch sampling")
+    peak_flops: float = key(0.0, "peak FLOP/s for MFU; 0 means look the GPU up or calibrate the CPU", low=0)
+    resume: bool = key(False, "continue from out_dir/last.pt")
+    overwrite: bool = key(False, "start afresh even though out_dir already holds a checkpoint")
+    progress: bool = key(True, "show the tqdm progress bar")
 
     def __post_init__(self) -> None:
-        positive = ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_iters", "lr_decay_iters"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite non-negative number, got {value!r}")
+        check_fields(self)
         if self.lr == 0:
             raise ValueError("lr must be positive, got 0")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr} is larger than lr={self.lr}")
-        for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"dtype must be one of auto, float32, bfloat16, got {self.dtype!r}")
-        if self.matmul_precision not in MATMUL_PRECISIONS:
-            raise ValueError(f"matmul_precision must be one of {MATMUL_PRECISIONS}, got {self.matmul_precision!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation: one helper for every number and choice the project checks.
+
+def check(name: str, value: Any, kind: type = int, low: float | None = None, high: float | None = None, *,
+          open_low: bool = False, open_high: bool = False, choices: Iterable | None = None) -> Any:
+    """Return `value` if it is valid, else raise a ValueError naming `name` and the value.
+
+    Valid: one of `choices` when given; otherwise a number of `kind` (int: an int; float: a finite int or
+    float; never a bool) within low..high, ends included unless open_low / open_high.
+    """
+    if choices is not None:
+        if value not in tuple(choices):
+            raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+        return value
+    number = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+    ok = (number and math.isfinite(value)
+          and (low is None or (value > low if open_low else value >= low))
+          and (high is None or (value < high if open_high else value <= high)))
+    if not ok:
+        raise ValueError(f"{name} must be {_describe(kind, low, high, open_low, open_high)}, got {value!r}")
+    return value
+
+
+def _describe(kind: type, low, high, open_low: bool, open_high: bool) -> str:
+    if high is not None:
+        return f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    if kind is int:
+        named = {(1, False): "a positive integer", (0, False): "a non-negative integer", (0, True): "a positive integer"}
+        return named.get((low, open_low), "an integer" if low is None else f"an integer {'>' if open_low else '>='} {low}")
+    named = {(0, False): "a finite non-negative number", (0, True): "a finite positive number"}
+    return named.get((low, open_low), "a finite number" if low is None else
+                     f"a finite number {'>' if open_low else '>='} {low}")
+
+
+def check_fields(obj) -> None:
+    """check() every field of a config dataclass against the values its key() allows."""
+    types = _field_types(type(obj))
+    for f in fields(obj):
+        allowed = f.metadata.get("allowed")
+        if allowed:
+            check(f.name, getattr(obj, f.name), types[f.name], **allowed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,3 +271,53 @@ def load(config_path: str | Path | None, overrides: Iterable[str] = (), classes=
 
 def to_dict(obj) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Documentation of the keys, from the fields themselves: --help and docs/config.md.
+
+def show(value: Any) -> str:
+    """A value as it is written after --key= (bools as true/false, strings bare)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value if isinstance(value, str) else repr(value)
+
+
+def allowed(f: dataclasses.Field, typ: type) -> str:
+    """What a field accepts, in words: its choices or its range, else just its type."""
+    spec = f.metadata.get("allowed") or {}
+    if "choices" in spec:
+        return ", ".join(spec["choices"])
+    if spec:
+        return _describe(typ, spec.get("low"), spec.get("high"), spec.get("open_low", False),
+                         spec.get("open_high", False))
+    return {bool: "true or false", str: "text", int: "an integer", float: "a number"}[typ]
+
+
+def help_lines(cls, values: dict[str, Any]) -> list[str]:
+    """`--key=VALUE  description` for every field of cls: VALUE is values[key] where given, else the default."""
+    args = [f"--{f.name}={show(values.get(f.name, f.default))}" for f in fields(cls)]
+    width = min(26, max(map(len, args)))
+    return [f"  {arg:<{width}}  {f.metadata['help']}" for arg, f in zip(args, fields(cls))]
+
+
+def markdown_reference(file_values: dict[str, Any], file_name: str, classes=(GPTConfig, TrainConfig)) -> str:
+    """docs/config.md: one table row per key (type, the value of `file_name`, the dataclass default, what it
+    accepts, its description)."""
+    lines = ["# Config keys", "",
+             "Every key of `train.py` (and the model keys of `flops.py`): `--key=value` on the command line, "
+             "`key = value` in a TOML config file; a command-line value wins over the file's. `python train.py "
+             "[CONFIG.toml] --help` lists the same keys with the values that run would use.", "",
+             "This file is generated from the dataclasses in `model/config.py`: "
+             "`python -m model.cli config-doc > docs/config.md` (a test checks that it is current).", ""]
+    for cls in classes:
+        types = _field_types(cls)
+        lines += [f"## {cls.__name__}", "", (cls.__doc__ or "").strip().splitlines()[0], "",
+                  f"| key | type | {file_name} | default | accepts | description |",
+                  "|---|---|---|---|---|---|"]
+        for f in fields(cls):
+            in_file = f"`{show(file_values[f.name])}`" if f.name in file_values else ""
+            lines.append(f"| `{f.name}` | {types[f.name].__name__} | {in_file} | `{show(f.default)}` | "
+                         f"{allowed(f, types[f.name])} | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)
