@@ -52,6 +52,7 @@ def build_parser() -> OneLineParser:
                    help="print tokens as they are generated (samples one after another; not with beams)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--bpe-file", help="GPT-2 ranks file r50k_base.tiktoken (offline GPT-2 tokenizer)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
 
@@ -75,6 +76,8 @@ def check_args(args) -> None:
         raise UsageError("--stream works with sampling only: beams are reordered until the search ends")
     if not math.isfinite(args.length_penalty):
         raise UsageError(f"--length-penalty must be finite, got {args.length_penalty}")
+    if not 0 <= args.seed < 2**63:  # what torch.Generator.manual_seed accepts
+        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
 
 
 def resolve_device(name: str):
@@ -188,6 +191,16 @@ class StreamPrinter:
         self.out.write(text[self.shown:] + "\n")  # whatever was held back (an unfinished character)
 
 
+def check_memory(args, config, prompt_len: int, device) -> None:
+    """Refuse, before generating, what cannot fit: KV cache, token buffer and logits of every row."""
+    from model.training.memory import check_fits, sampling_bytes
+    beams = args.num_beams > 1
+    rows = args.num_beams if beams else 1 if args.stream else args.num_samples
+    total = prompt_len + args.max_new_tokens
+    check_fits(sampling_bytes(config, rows, total, beams=beams),
+               f"sampling {rows:,} {'beams' if beams else 'rows'} of {total:,} tokens", device)
+
+
 def run(args, out=None) -> None:
     import torch
 
@@ -197,6 +210,7 @@ def run(args, out=None) -> None:
     text = prompt_text(args, tokenizer)
     ids = encode_prompt(tokenizer, text)
     eot = tokenizer.eot_token_id
+    check_memory(args, model.config, len(ids), device)
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eot,
@@ -224,15 +238,15 @@ def run(args, out=None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
-    try:
+    from model.cli import pop_debug, report_errors
+    argv, debug = pop_debug(sys.argv[1:] if argv is None else list(argv))
+
+    def body() -> int:
         args = build_parser().parse_args(argv)
         check_args(args)
         run(args)
-    except (ValueError, FileNotFoundError) as e:  # UsageError is a ValueError
-        message = " ".join(str(e).split())  # one line, whatever the message holds
-        print(f"sample.py: error: {message}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+    return report_errors("sample.py", body, debug=debug)  # UsageError is a ValueError
 
 
 if __name__ == "__main__":

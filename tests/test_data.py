@@ -405,5 +405,5 @@ def test_prepare_failure_leaves_the_old_dataset(tmp_path, corpus, monkeypatch):
 def test_prepare_out_dir_must_be_a_folder(tmp_path, corpus):
     with pytest.raises(ValueError, match="out_dir is empty"):
         prepare(input_path=corpus, out_dir="", quiet=True)
-    with pytest.raises(NotADirectoryError, match="out_dir /dev/null exists and is not a folder"):
+    with pytest.raises(ValueError, match="out_dir /dev/null exists and is not a folder"):
         prepare(input_path=corpus, out_dir="/dev/null", quiet=True)

@@ -252,7 +252,7 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
     if str(out_dir) == "":
         raise ValueError("out_dir is empty; name a folder")
     if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"out_dir {out} exists and is not a folder")
+        raise ValueError(f"out_dir {out} exists and is not a folder")
 
     if source == "file":
         text = read_text_file(input_path)

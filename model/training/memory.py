@@ -94,7 +94,7 @@ def check_fits(parts: dict[str, int], what: str, device: str | torch.device = "c
     total = sum(parts.values())
     have, source = machine_memory(device)
     if total > have:
-        detail = ", ".join(f"{name} {gib(n)}" for name, n in parts.items() if n)
+        detail = ", ".join(f"{name} {gib(n)}" for name, n in parts.items() if n >= 2**30 / 20)  # >= 0.05 GiB
         raise InsufficientMemoryError(f"{what} needs at least {gib(total)} ({detail}), more than the "
                                       f"{gib(have)} of {source} on this machine")
     return total
