@@ -40,7 +40,8 @@ from model.training.runtime import cpu_process_settings, describe_matmul_precisi
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = ROOT / "configs" / "default.toml"
 RECALIBRATE_S = 30.0  # CPU peak: the least time between calibrations at evaluations
-USAGE = "usage: python train.py [CONFIG.toml] [--key=value ...]   (python train.py --help lists the keys)"
+USAGE = ("usage: python train.py [CONFIG.toml] [--key=value ...] [--debug]   (python train.py --help lists the keys;"
+         " --debug shows tracebacks instead of one-line errors)")
 TRIM_PAUSE_ENV = "FLOPGPT_TEST_TRIM_PAUSE_S"  # tests: seconds the metrics trim waits before its rename
 QUIET_KEYS = ("resume", "overwrite", "progress")  # differ on most resumes and change nothing in the run
 SCHEDULE_KEYS = ("lr", "min_lr", "warmup_iters", "lr_decay_iters", "lr_schedule", "max_iters")

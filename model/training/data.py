@@ -247,12 +247,7 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
         raise ValueError("source 'file' needs an input path (--input PATH)")
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {', '.join(TOKENIZERS)}")
-    stem = Path(input_path).stem if source == "file" else source
-    out = Path(out_dir) if out_dir is not None else Path("data") / f"{stem}_{tokenizer}"
-    if str(out_dir) == "":
-        raise ValueError("out_dir is empty; name a folder")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {out} exists and is not a folder")
+    out = dataset_folder(out_dir, Path(input_path).stem if source == "file" else source, tokenizer)
 
     if source == "file":
         text = read_text_file(input_path)
@@ -265,6 +260,11 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
     ids = np.array(tok.encode(text), dtype=dtype)  # (N,)
     n_train = split_point(len(ids))
 
+    meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": dtype, "source": source,
+            **({"input": str(input_path)} if input_path is not None else {}),
+            "text_chars": len(text), "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "train_tokens": int(n_train), "val_tokens": int(len(ids) - n_train),
+            **tok.meta()}  # the tokenizer's bulky entries (chars, merges) go last in the file
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -274,11 +274,6 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
             tok.save_ranks(tmp / RANKS_FILE)  # its sha256 is in tok.meta()
         if source == "shakespeare" and (out / "input.txt").is_file():
             shutil.copyfile(out / "input.txt", tmp / "input.txt")  # the download cache moves with the folder
-        tok_meta = tok.meta()  # its bulky entries (chars, merges) go last in the file
-        meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": dtype, "source": source,
-                **({"input": str(input_path)} if input_path is not None else {}),
-                "text_chars": len(text), "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                "train_tokens": int(n_train), "val_tokens": int(len(ids) - n_train), **tok_meta}
         write_meta(meta, tmp / "meta.json")
         publish_dataset(tmp, out)
     finally:
@@ -286,6 +281,16 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
     if not quiet:
         print(f"{source}: {len(text):,} chars -> {tokenizer} tokenizer, vocab {tok.vocab_size:,} -> {out}/\n"
               f"  train.bin {n_train:,} tokens, val.bin {len(ids) - n_train:,} tokens ({dtype}), meta.json")
+    return out
+
+
+def dataset_folder(out_dir: str | Path | None, stem: str, tokenizer: str) -> Path:
+    """out_dir, by default data/<stem>_<tokenizer>; an empty name or a path that is not a folder is refused."""
+    if out_dir is not None and str(out_dir) == "":
+        raise ValueError("out_dir is empty; name a folder")
+    out = Path(out_dir) if out_dir is not None else Path("data") / f"{stem}_{tokenizer}"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} exists and is not a folder")
     return out
 
 
