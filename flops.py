@@ -26,12 +26,27 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line on stderr, exit 2 (argparse would print the usage too)
         raise ValueError(message)
 
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        if "-h" in args or "--help" in args:  # the help lists the model keys with this command's values
+            known, overrides = super().parse_known_args([a for a in args if a not in ("-h", "--help")])
+            self.epilog = model_keys_help(known.config, overrides)
+        return super().parse_known_args(args, namespace)
+
+
+def model_keys_help(path: str | None, overrides: list[str]) -> str:
+    from model.config import GPTConfig, help_lines
+    cfg, note = load_config(path, overrides)
+    return "\n".join([f"model keys, --key=value (values of {path or 'the defaults'}; {note}; the training keys "
+                       f"of a train.py config are read and ignored):", *help_lines(GPTConfig, asdict(cfg))])
+
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = _Parser(prog="flops.py", usage=USAGE, allow_abbrev=False, description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="TOML config (train.py's files work; train keys are ignored)")
-    p.add_argument("--batch-size", "--batch_size", type=int, default=1, help="sequences per forward (default 1)")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=1,
+                   help="sequences per forward (default %(default)s)")
     p.add_argument("--seq-len", "--seq_len", type=int, default=None, help="tokens per sequence (default block_size)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--sweep", metavar="OUT_DIR", help="sweep width, depth and seq_len; write CSV + PNG plots")
@@ -258,7 +273,7 @@ def plot_sweep(rows: list[dict], cfg, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     title = f"n_layer={cfg.n_layer}, n_embd={cfg.n_embd}, n_head={cfg.n_head}, vocab={cfg.vocab_size}"
-    # 1. measured vs analytic, and their difference
+    # measured vs analytic, and their difference
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 5))
     markers = {"width": "o", "depth": "s", "seq_len": "^"}
     for sweep, marker in markers.items():
@@ -287,8 +302,12 @@ def plot_sweep(rows: list[dict], cfg, out_dir: Path) -> list[Path]:
     p1 = out_dir / "measured_vs_analytic.png"
     fig.savefig(p1, dpi=110)
     plt.close(fig)
+    return [p1, plot_ratios(rows, title, out_dir)]
 
-    # 2. approximation / exact as T grows: training formulas (near 1) and generation formulas (far off)
+
+def plot_ratios(rows: list[dict], title: str, out_dir: Path) -> Path:
+    """approximation / exact as T grows: training formulas (near 1) and generation formulas (far off)."""
+    import matplotlib.pyplot as plt
     pts = [r for r in rows if r["sweep"] == "seq_len"]
     T = [r["seq_len"] for r in pts]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(15, 5.5))
@@ -312,22 +331,11 @@ def plot_sweep(rows: list[dict], cfg, out_dir: Path) -> list[Path]:
     p2 = out_dir / "approximation_ratios.png"
     fig.savefig(p2, dpi=110)
     plt.close(fig)
-    return [p1, p2]
+    return p2
 
 
 # ----------------------------------------------------------------------------------------------------
 # --plan
-
-def human(x: float, unit: str = "FLOPs") -> str:
-    return f"{x:.3e} {unit}"
-
-
-def duration(seconds: float) -> str:
-    for limit, size, name in ((120, 1, "s"), (7200, 60, "min"), (172800, 3600, "h"), (2 * 365.25 * 86400, 86400, "days")):
-        if seconds < limit:
-            return f"{seconds / size:.1f} {name}"
-    return f"{seconds / (365.25 * 86400):.1f} years"
-
 
 def resolve_peak(device: str | None, peak: float | None) -> tuple[float, str]:
     from model.flops.peaks import cpu_peak, peak_by_key
@@ -354,6 +362,7 @@ def plan(cfg, seq_len: int, args) -> dict:
 
 
 def render_plan(p: dict) -> str:
+    from model.cli import duration, human
     c = p["config"]
     g = p["per_generated_token"]
     return "\n".join([

@@ -11,11 +11,9 @@ Samples are printed (prompt included) separated by a line of dashes. Generation 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPTS = (Path("out/default/best.pt"), Path("out/default/last.pt"))  # what `python train.py` writes
 ENDOFTEXT = "<|endoftext|>"
 SEPARATOR = "-" * 40
@@ -31,68 +29,53 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> OneLineParser:
-    p = OneLineParser(prog="sample.py", description=__doc__.split("\n")[0])
+    # each default is written once, as default=; the help text shows it through %(default)s
+    p = OneLineParser(prog="sample.py", description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", help="flopgpt checkpoint, or a train.py out_dir (its best.pt, else last.pt; "
-                     "default: out/default)")
+    src.add_argument("--ckpt", metavar="PATH", help="flopgpt checkpoint, or a train.py out_dir (its best.pt, else "
+                     "last.pt); default: out/default")
     src.add_argument("--hf", metavar="PATH", help="local Hugging Face GPT-2 folder (config.json + weights)")
-    p.add_argument("--start", help='prompt text, or FILE:path to read it from a file (default: "\\n" for '
-                                   'char models, "<|endoftext|>" for GPT-2 BPE)')
-    p.add_argument("--num-samples", type=int, default=3, help="samples to draw (default 3)")
-    p.add_argument("--max-new-tokens", type=int, default=500, help="tokens per sample (default 500)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens; 0 = all (default 200)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0 = off)")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: "
-                                                             "sampling); prints the best --num-samples beams")
-    p.add_argument("--length-penalty", type=float, default=1.0,
-                   help="beam score = log-probability / length ** this (default 1.0)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator (default 1337)")
+    p.add_argument("--start", metavar="TEXT", help='prompt text, or FILE:path to read it from a file; default: "\\n" '
+                   'for char models, "<|endoftext|>" for GPT-2 BPE')
+    p.add_argument("--num-samples", metavar="N", type=int, default=3, help="samples to draw (default %(default)s)")
+    p.add_argument("--max-new-tokens", metavar="N", type=int, default=500,
+                   help="tokens per sample (default %(default)s)")
+    p.add_argument("--temperature", metavar="T", type=float, default=0.8, help="0 = greedy (default %(default)s)")
+    p.add_argument("--top-k", metavar="K", type=int, default=200,
+                   help="keep the k most likely tokens; 0 = all (default %(default)s)")
+    p.add_argument("--top-p", metavar="P", type=float, default=1.0,
+                   help="nucleus sampling: keep the most likely tokens up to this mass, in (0, 1]; 1 = off "
+                   "(default %(default)s)")
+    p.add_argument("--num-beams", metavar="N", type=int, default=1, help="beam search with this many beams; 1 = "
+                   "sampling (default %(default)s); prints the best --num-samples beams")
+    p.add_argument("--length-penalty", metavar="A", type=float, default=1.0,
+                   help="beam score = log-probability / length ** A (default %(default)s)")
+    p.add_argument("--seed", type=int, default=1337, help="seed of the sampling generator (default %(default)s)")
     p.add_argument("--stream", action="store_true",
                    help="print tokens as they are generated (samples one after another; not with beams)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--bpe-file", help="GPT-2 ranks file r50k_base.tiktoken (offline GPT-2 tokenizer)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--bpe-file", metavar="PATH", help="GPT-2 ranks file r50k_base.tiktoken, for the GPT-2 "
+                   "tokenizer offline; default: tiktoken's download and cache")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
 
 def check_args(args) -> None:
-    if args.num_samples < 1:
-        raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not math.isfinite(args.temperature) or args.temperature < 0:
-        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0, got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.num_beams < 1:
-        raise UsageError(f"--num-beams must be >= 1, got {args.num_beams}")
+    from model.config import check
+    check("--num-samples", args.num_samples, low=1)
+    check("--max-new-tokens", args.max_new_tokens, low=1)
+    check("--temperature", args.temperature, float, low=0)
+    check("--top-k", args.top_k, low=0)
+    check("--top-p", args.top_p, float, low=0, high=1, open_low=True)
+    check("--num-beams", args.num_beams, low=1)
+    check("--length-penalty", args.length_penalty, float)
+    check("--seed", args.seed, low=0, high=2**63 - 1)  # what torch.Generator.manual_seed accepts
     if args.num_beams > 1 and args.num_samples > args.num_beams:
         raise UsageError(f"--num-samples {args.num_samples} exceeds --num-beams {args.num_beams} "
                          f"(beam search returns at most one sample per beam)")
     if args.num_beams > 1 and args.stream:
         raise UsageError("--stream works with sampling only: beams are reordered until the search ends")
-    if not math.isfinite(args.length_penalty):
-        raise UsageError(f"--length-penalty must be finite, got {args.length_penalty}")
-    if not 0 <= args.seed < 2**63:  # what torch.Generator.manual_seed accepts
-        raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
-
-
-def resolve_device(name: str):
-    import torch
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} but CUDA is not available; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {name!r}: only cpu and cuda are supported")
-    return device
 
 
 def load(args, device):
@@ -204,8 +187,9 @@ def check_memory(args, config, prompt_len: int, device) -> None:
 def run(args, out=None) -> None:
     import torch
 
+    from model.cli import resolve_device
     out = sys.stdout if out is None else out
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model, tokenizer = load(args, device)
     text = prompt_text(args, tokenizer)
     ids = encode_prompt(tokenizer, text)
@@ -237,16 +221,13 @@ def run(args, out=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(ROOT))
-    from model.cli import pop_debug, report_errors
-    argv, debug = pop_debug(sys.argv[1:] if argv is None else list(argv))
-
-    def body() -> int:
-        args = build_parser().parse_args(argv)
-        check_args(args)
-        run(args)
-        return 0
-    return report_errors("sample.py", body, debug=debug)  # UsageError is a ValueError
+    try:
+        args = build_parser().parse_args(argv)  # --help ends here, before torch is imported (fast)
+    except UsageError as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+    from model.cli import report_errors
+    return report_errors("sample.py", lambda: check_args(args) or run(args) or 0, debug=args.debug)
 
 
 if __name__ == "__main__":

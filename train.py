@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import GPT
-from model.cli import duration, human, pop_debug, report_errors, resolve_device
+from model.cli import DEFAULT_CONFIG, duration, human, pop_debug, report_errors, resolve_device
 from model.config import GPTConfig, TrainConfig, build, help_lines, parse_overrides, read_toml, to_dict
 from model.flops import peaks
 from model.flops.formulas import train_step_flops
@@ -38,7 +38,6 @@ from model.training.optim import clip_and_step
 from model.training.runtime import cpu_process_settings, describe_matmul_precision, matmul_precision
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CONFIG = ROOT / "configs" / "default.toml"
 RECALIBRATE_S = 30.0  # CPU peak: the least time between calibrations at evaluations
 USAGE = ("usage: python train.py [CONFIG.toml] [--key=value ...] [--debug]   (python train.py --help lists the keys;"
          " --debug shows tracebacks instead of one-line errors)")
@@ -581,9 +580,9 @@ def write_record(run: Run, record: dict, flush: bool = False) -> None:
 # ---- evaluation and checkpoints
 
 def evaluate_and_checkpoint(run: Run) -> None:
-    """Evaluate both splits, record and print the losses, save last.pt (and best.pt on a new best val loss);
-    on a CPU without a given peak, calibrate the peak again (at most every RECALIBRATE_S, the highest kept):
-    one busy moment at start-up would otherwise read it low for the whole run."""
+    """Evaluate both splits, record and print the losses, save last.pt (and best.pt on a new best val loss),
+    then give the CPU peak another reading. A signal during it abandons it: last.pt is saved as not yet
+    evaluated, and --resume runs this evaluation first."""
     stop = lambda: run.dist.any(bool(run.stop_flag.get("signal")), run.device)  # noqa: E731
     losses = evaluate(run.eval_model, run.eval_loaders, run.cfg.eval_iters, run.autocast, run.dist, run.device,
                       stop)
@@ -599,6 +598,12 @@ def evaluate_and_checkpoint(run: Run) -> None:
         run.bar.write(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
                       file=sys.stderr)  # stdout stays clean
         save_checkpoints(run, new_best=losses["val"] < run.best_val)
+    recalibrate_peak(run)
+
+
+def recalibrate_peak(run: Run) -> None:
+    """On a CPU without a given peak: measure it again, at most every RECALIBRATE_S, and keep the highest
+    reading; one busy moment at start-up would otherwise read it low for the whole run (MFU over 100%)."""
     if run.device.type == "cpu" and not run.cfg.peak_flops and \
             time.perf_counter() - run.calibrated_at >= RECALIBRATE_S:
         run.peak, run.calibrated_at = max(run.peak, peaks.measure_cpu_peak()), time.perf_counter()
@@ -695,7 +700,7 @@ def print_help(argv: list[str]) -> None:
     if "vocab_size" not in values:
         meta = dataset / "meta.json"
         values["vocab_size"] = load_meta(dataset)["vocab_size"] if meta.is_file() else "<meta.json>"
-    source = f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}" if path else "the defaults"
+    source = "the defaults" if path is None else path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     print(__doc__.strip() + "\n\n" + USAGE + "\n")
     print(f"Keys, with the values of {source}{' and the overrides given' if overrides else ''} "
           f"(docs/config.md describes them all):")

@@ -22,12 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="prepare.py", description=__doc__.split("\n")[0],
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
     p.add_argument("--source", choices=("pydoc", "file", "shakespeare"), default=None,
-                   help="corpus: the embedded Python docs (default), a local file, or tiny Shakespeare")
+                   help="corpus: the embedded Python docs, a local file, or tiny Shakespeare (default: pydoc, or "
+                   "file with --input)")
     p.add_argument("--input", metavar="PATH", help="local UTF-8 text file (implies --source file); with "
                    "--source shakespeare, a local copy of tiny Shakespeare (checked by sha256)")
-    p.add_argument("--tokenizer", choices=("char", "gpt2", "bpe"), default="char")
+    p.add_argument("--tokenizer", choices=("char", "gpt2", "bpe"), default="char",
+                   help="char (one token per character), gpt2 (GPT-2's BPE) or bpe (trained on the corpus) "
+                   "(default %(default)s)")
     p.add_argument("--vocab-size", type=int, metavar="N", help="bpe only: tokens to learn, >= 257 (default 4096)")
-    p.add_argument("--bpe-file", metavar="PATH", help="gpt2 only: local r50k_base.tiktoken ranks file")
+    p.add_argument("--bpe-file", metavar="PATH", help="gpt2 only: local r50k_base.tiktoken ranks file "
+                   "(default: tiktoken downloads GPT-2's ranks once and caches them)")
     p.add_argument("--out-dir", metavar="DIR", help="output folder (default data/<source>_<tokenizer>)")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")

@@ -1,11 +1,19 @@
-"""Helpers shared by the command-line scripts (train.py, sample.py, flops.py, data/prepare.py, bench/)."""
+"""Helpers shared by the command-line scripts (train.py, sample.py, flops.py, data/prepare.py, bench/).
+
+`python -m model.cli config-doc > docs/config.md` writes the reference of every config key.
+"""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .config import markdown_reference, read_toml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "default.toml"  # what `python train.py` runs
 YEAR_S = 365.25 * 86400
 
 
@@ -69,3 +77,15 @@ def report_errors(prog: str, body: Callable[[], int], errors: tuple[type, ...] =
     message = " ".join(message.split())  # one line, whatever the message holds
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
+
+
+def config_doc() -> str:
+    """docs/config.md: every key, its type, its value in configs/default.toml and its default."""
+    return markdown_reference(read_toml(DEFAULT_CONFIG), DEFAULT_CONFIG.relative_to(ROOT).as_posix()) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["config-doc"]:
+        print("usage: python -m model.cli config-doc > docs/config.md", file=sys.stderr)
+        sys.exit(2)
+    sys.stdout.write(config_doc())

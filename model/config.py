@@ -121,7 +121,7 @@ def check(name: str, value: Any, kind: type = int, low: float | None = None, hig
             raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
         return value
     number = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
-    ok = (number and math.isfinite(value)
+    ok = (number and (isinstance(value, int) or math.isfinite(value))
           and (low is None or (value > low if open_low else value >= low))
           and (high is None or (value < high if open_high else value <= high)))
     if not ok:
@@ -130,14 +130,16 @@ def check(name: str, value: Any, kind: type = int, low: float | None = None, hig
 
 
 def _describe(kind: type, low, high, open_low: bool, open_high: bool) -> str:
+    """The valid values in words: "in [0, 1)", "a positive integer", "a finite non-negative number", ..."""
     if high is not None:
         return f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-    if kind is int:
-        named = {(1, False): "a positive integer", (0, False): "a non-negative integer", (0, True): "a positive integer"}
-        return named.get((low, open_low), "an integer" if low is None else f"an integer {'>' if open_low else '>='} {low}")
-    named = {(0, False): "a finite non-negative number", (0, True): "a finite positive number"}
-    return named.get((low, open_low), "a finite number" if low is None else
-                     f"a finite number {'>' if open_low else '>='} {low}")
+    base = "an integer" if kind is int else "a finite number"
+    if low is None:
+        return base
+    if low == 0 or (kind is int and low == 1 and not open_low):
+        sign = "positive" if (low == 1 or open_low) else "non-negative"
+        return f"a {sign} integer" if kind is int else f"a finite {sign} number"
+    return f"{base} {'>' if open_low else '>='} {low}"
 
 
 def check_fields(obj) -> None:
@@ -308,6 +310,9 @@ def markdown_reference(file_values: dict[str, Any], file_name: str, classes=(GPT
              "Every key of `train.py` (and the model keys of `flops.py`): `--key=value` on the command line, "
              "`key = value` in a TOML config file; a command-line value wins over the file's. `python train.py "
              "[CONFIG.toml] --help` lists the same keys with the values that run would use.", "",
+             f"The `{file_name}` column holds the values of `python train.py` with no arguments; where it is "
+             "empty, the run uses the default. `vocab_size` comes from the dataset's meta.json unless a config "
+             "sets it.", "",
              "This file is generated from the dataclasses in `model/config.py`: "
              "`python -m model.cli config-doc > docs/config.md` (a test checks that it is current).", ""]
     for cls in classes:

@@ -159,3 +159,86 @@ def test_read_json_errors_name_the_file(tmp_path):
         read_json(bad, "")
     bad.write_text('{"a": 1}')
     assert read_json(bad, "") == {"a": 1}
+
+
+# ---- the one validation helper, and the key documentation built from the fields
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    (("n", 0), {"low": 1}, "n must be a positive integer, got 0"),
+    (("n", True), {"low": 1}, "n must be a positive integer, got True"),  # a bool is not a count
+    (("n", 2.0), {"low": 1}, "n must be a positive integer, got 2.0"),
+    (("n", "3"), {}, "n must be an integer, got '3'"),
+    (("n", -1), {"low": 0}, "n must be a non-negative integer, got -1"),
+    (("n", 2), {"low": 3}, "n must be an integer >= 3, got 2"),
+    (("x", -0.5, float), {"low": 0}, "x must be a finite non-negative number, got -0.5"),
+    (("x", float("nan"), float), {"low": 0}, "x must be a finite non-negative number, got nan"),
+    (("x", float("inf"), float), {}, "x must be a finite number, got inf"),
+    (("p", 0.0, float), {"low": 0, "high": 1, "open_low": True}, "p must be in (0, 1], got 0.0"),
+    (("d", 1.0, float), {"low": 0, "high": 1, "open_high": True}, "d must be in [0, 1), got 1.0"),
+    (("c", "z"), {"choices": ("a", "b")}, "c must be one of ('a', 'b'), got 'z'"),
+])
+def test_check_rejects_with_the_name_and_value(args, kwargs, message):
+    from model.config import check
+    with pytest.raises(ValueError) as e:
+        check(*args, **kwargs)
+    assert str(e.value) == message
+
+
+def test_check_accepts_the_edges_it_includes():
+    from model.config import check
+    assert check("n", 1, low=1) == 1 and check("n", 0, low=0) == 0 and check("n", -7) == -7 and check("x", 3, float, low=0) == 3
+    assert check("p", 1.0, float, low=0, high=1, open_low=True) == 1.0
+    assert check("d", 0, float, low=0, high=1, open_high=True) == 0
+    assert check("c", "b", choices=("a", "b")) == "b"
+    assert check("n", 10**400, low=1) == 10**400  # compared as an int, never converted to a float
+
+
+def test_every_key_has_a_one_line_description():
+    from dataclasses import fields
+    for cls in (GPTConfig, TrainConfig):
+        for f in fields(cls):
+            text = f.metadata.get("help", "")
+            assert text and "\n" not in text and len(text) < 140, f.name
+
+
+def test_help_lines_show_the_given_values_else_the_defaults():
+    from model.config import help_lines
+    lines = help_lines(GPTConfig, {"n_layer": 3, "bias": False})
+    assert len(lines) == len(GPTConfig.__dataclass_fields__)
+    by_key = {ln.split()[0]: ln for ln in lines}
+    assert by_key["--n_layer=3"].endswith("transformer blocks")
+    assert "--bias=false" in by_key and "--n_embd=768" in by_key and "--pos_encoding=learned" in by_key
+
+
+def test_docs_config_md_is_what_the_generator_prints():
+    """docs/config.md is generated (python -m model.cli config-doc): it cannot drift from the fields."""
+    from pathlib import Path
+    from model.cli import config_doc
+    doc = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert doc.read_text(encoding="utf-8") == config_doc()
+    for cls in (GPTConfig, TrainConfig):
+        for name, f in cls.__dataclass_fields__.items():
+            assert f"| `{name}` |" in doc.read_text() and f.metadata["help"] in doc.read_text()
+
+
+# ---- helpers shared by the CLIs
+
+def test_duration_and_human_by_hand():
+    from model.cli import duration, human
+    assert [duration(s) for s in (5, 119.9, 120, 7199, 7200, 172800, 2 * 365.25 * 86400)] == [
+        "5.0 s", "119.9 s", "2.0 min", "120.0 min", "2.0 h", "2.0 days", "2.0 years"]
+    assert human(3.14e23) == "3.140e+23 FLOPs" and human(2e12, "FLOP/s") == "2.000e+12 FLOP/s"
+
+
+def test_resolve_device_names_the_flag():
+    import torch
+    from model.cli import resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match=r"--device 'tpu' is not a device"):
+        resolve_device("tpu", "--device")
+    with pytest.raises(ValueError, match=r"device 'meta': only cpu and cuda"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device 'cuda:0' but CUDA is not available"):
+            resolve_device("cuda:0")

@@ -92,6 +92,18 @@ def test_bad_inputs_exit_2_with_one_line(argv, message, capsys):
     assert err.count("\n") == 1 and message in err
 
 
+def test_help_lists_the_model_keys_with_the_values_of_the_config(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(ROOT / "configs" / "default.toml"), "--n_head=2", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--batch-size" in out
+    for line in ("--n_layer=4 ", "--n_head=2 ", "--block_size=128 ", "--pos_encoding=learned "):
+        assert f"  {line}" in out
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "  --n_layer=12 " in capsys.readouterr().out  # no config: GPT-2 124M
+
+
 def test_bad_toml_value(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text('n_layer = "four"\n')

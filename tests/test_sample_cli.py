@@ -164,13 +164,13 @@ def test_start_from_file(monkeypatch, capsys, run_dir, tmp_path):
     (["--start", "FILE:/nonexistent/prompt.txt"], "/nonexistent/prompt.txt"),
     (["--start", ""], "prompt is empty"),
     (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
-    (["--top-k", "-1"], "--top-k must be >= 0, got -1"),
-    (["--temperature", "-0.5"], "--temperature must be a finite number >= 0, got -0.5"),
-    (["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    (["--top-k", "-1"], "--top-k must be a non-negative integer, got -1"),
+    (["--temperature", "-0.5"], "--temperature must be a finite non-negative number, got -0.5"),
+    (["--num-samples", "0"], "--num-samples must be a positive integer, got 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
     (["--num-beams", "2", "--num-samples", "3"], "--num-samples 3 exceeds --num-beams 2"),
     (["--num-beams", "2", "--num-samples", "1", "--stream"], "--stream works with sampling only"),
-    (["--num-beams", "0"], "--num-beams must be >= 1, got 0"),
+    (["--num-beams", "0"], "--num-beams must be a positive integer, got 0"),
     (["--seed", "x"], "argument --seed: invalid int value: 'x'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--ckpt", "a.pt", "--hf", "b"], "not allowed with argument"),
@@ -183,6 +183,14 @@ def test_bad_input_is_one_line_exit_2(monkeypatch, capsys, run_dir, args, match)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("sample.py: error:"), err
     assert match in lines[0], lines[0]
+
+
+def test_help_shows_each_option_with_its_default():
+    parser = sample_mod.build_parser()
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if action.default not in (None, False) and action.dest != "help":
+            assert f"(default {action.default})" in text, action.dest
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without CUDA")

@@ -153,6 +153,41 @@ def test_cli_errors_are_one_line_exit_2(args, match, dataset, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("train.py: error:") and match in lines[0], r.stderr
 
 
+def help_values(capsys, *argv) -> dict[str, str]:
+    assert train_mod.main([*argv, "--help"]) == 0
+    out = capsys.readouterr().out
+    return {ln.split()[0].split("=")[0]: ln.split()[0].split("=", 1)[1] for ln in out.splitlines()
+            if ln.startswith("  --")}
+
+
+def test_help_lists_every_key_with_the_value_the_run_would_use(capsys):
+    from model.config import read_toml
+    shown = help_values(capsys)  # python train.py --help: configs/default.toml's values, else the defaults
+    keys = set(GPTConfig.__dataclass_fields__) | set(TrainConfig.__dataclass_fields__)
+    assert set(shown) == {f"--{k}" for k in keys}
+    default = read_toml(ROOT / "configs" / "default.toml")
+    assert (shown["--n_layer"], shown["--block_size"], shown["--max_iters"]) == (
+        str(default["n_layer"]), str(default["block_size"]), str(default["max_iters"]))
+    assert shown["--grad_accum"] == str(TrainConfig().grad_accum) and shown["--compile"] == "false"
+    given = help_values(capsys, str(ROOT / "configs" / "shakespeare_char.toml"), "--n_head=3")
+    assert (shown["--n_layer"], given["--n_layer"], given["--n_head"], given["--compile"]) == ("4", "6", "3", "true")
+
+
+def test_help_lines_carry_the_field_descriptions(capsys):
+    assert train_mod.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cls in (GPTConfig, TrainConfig):
+        for name, f in cls.__dataclass_fields__.items():
+            line = next(ln for ln in out.splitlines() if ln.startswith(f"  --{name}="))
+            assert line.endswith(f.metadata["help"])
+
+
+def test_help_with_a_missing_config_is_one_line_exit_2(capsys):
+    assert train_mod.main(["missing.toml", "--help"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config file not found: missing.toml" in err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_a_final_checkpoint(sig, code, dataset, tmp_path):
