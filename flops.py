@@ -68,6 +68,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--recalibrate", action="store_true", help="--peak: measure the CPU calibration again "
                                                               "(best of 5 trials) and replace the cached one")
     p.add_argument("--out", metavar="PNG", help="--profile: where to write the FLOP-share vs time-share plot")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args, rest = p.parse_known_args(argv)
     for arg in rest:
         if not arg.startswith("--"):
@@ -94,6 +95,43 @@ def load_config(path: str | None, overrides: list[str]):
             note = f"vocab_size: GPTConfig default ({Path(str(values['dataset'])) / 'meta.json'} not found)"
     model_cfg, _ = load(path, overrides, classes=(GPTConfig, TrainConfig), defaults=defaults)
     return model_cfg, note
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sizes the counters can measure: checked before any model is built
+
+# fvcore and FlopCounterMode trace every block: 0.14 s a block on the shared 2-core Xeon (`python flops.py
+# --n_layer=400`: 67 s); 128 covers GPT-3 175B (96) and Llama 3 405B (126)
+MAX_TRACED_LAYERS = 128
+MAX_ELEMENTS = (2**63 - 1) // 4  # a tensor's size in bytes must fit int64, meta tensors included (float32)
+
+
+def check_sizes(cfg, batch: int, seq_len: int) -> None:
+    """ValueError, before anything is built, for a depth the counters would take minutes to trace or a
+    tensor whose size in bytes overflows int64 (the analytic formulas, --plan, take any size)."""
+    if cfg.n_layer > MAX_TRACED_LAYERS:
+        raise ValueError(f"n_layer={cfg.n_layer:,}: the counters trace every block and flops.py measures at most "
+                         f"{MAX_TRACED_LAYERS} (python flops.py --plan --tokens N gives the exact analytic count at "
+                         f"any depth)")
+    d, h, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
+    largest = {"logits (batch, seq_len, vocab_size)": batch * seq_len * V,
+               "attention scores (batch, n_head, seq_len, seq_len)": batch * h * seq_len ** 2,
+               "MLP activations (batch, seq_len, 4 n_embd)": batch * seq_len * 4 * d,
+               "token embedding (vocab_size, n_embd)": V * d, "position table (block_size, n_embd)": cfg.block_size * d,
+               "MLP weight (4 n_embd, n_embd)": 4 * d * d}
+    for name, n in largest.items():
+        if n > MAX_ELEMENTS:
+            raise ValueError(f"{name} would hold {n:.3e} elements, more than a float32 tensor can (2^63 bytes); "
+                             f"use smaller sizes")
+
+
+def check_sweep(cfg, batch: int, seq_len: int, out_dir: Path) -> None:
+    """Every sweep point's sizes, and the output folder, before the first point is measured."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--sweep {out_dir}: exists and is not a folder")
+    check_sizes(cfg, batch, cfg.block_size)  # the seq_len sweep goes up to block_size
+    for _, c in sweep_points(cfg):
+        check_sizes(c, batch, seq_len)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -479,38 +517,45 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args, overrides = parse_args(argv)
-        cfg, note = load_config(args.config, overrides)
-        T = cfg.block_size if args.seq_len is None else args.seq_len
-        if not 0 < T <= cfg.block_size:
-            raise ValueError(f"--seq-len={T} must be in [1, block_size={cfg.block_size}]")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
-        if args.peak or args.recalibrate:
-            return run_peak(args)
-        if args.paper is not None:
-            return run_paper(args)
-        if args.profile:
-            return run_profile(cfg, args, T)
-        if args.plan:
-            result = plan(cfg, T, args)
-            print(dump_json(result) if args.json else render_plan(result))
-            return 0
-        if args.tokens is not None or args.device is not None or args.peak_flops is not None or args.mfu is not None:
-            raise ValueError("--tokens, --device, --peak-flops and --mfu need --plan")
-        if args.sweep:
-            for path in run_sweep(cfg, args.batch_size, T, Path(args.sweep)):
-                print(f"wrote {path}")
-            return 0
-        rep = report(cfg, args.batch_size, T)
-        rep["vocab_source"] = note
-        rep["seconds"] = round(time.perf_counter() - start, 3)
-        print(dump_json(rep) if args.json else render(rep, note) +
-              f"\n\ncounted in {rep['seconds']:.2f} s (after Python started; meta tensors)")
-        return 0
-    except (ValueError, FileNotFoundError) as e:
+        args, overrides = parse_args(argv)  # before importing torch: --help stays fast
+    except ValueError as e:
         print(f"flops.py: error: {e}", file=sys.stderr)
         return 2
+    from model.cli import report_errors
+    return report_errors("flops.py", lambda: run(args, overrides, start), debug=args.debug)
+
+
+def run(args, overrides: list[str], start: float) -> int:
+    cfg, note = load_config(args.config, overrides)
+    T = cfg.block_size if args.seq_len is None else args.seq_len
+    if not 0 < T <= cfg.block_size:
+        raise ValueError(f"--seq-len={T} must be in [1, block_size={cfg.block_size}]")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
+    if args.peak or args.recalibrate:
+        return run_peak(args)
+    if args.paper is not None:
+        return run_paper(args)
+    if args.plan:
+        result = plan(cfg, T, args)
+        print(dump_json(result) if args.json else render_plan(result))
+        return 0
+    if args.tokens is not None or args.device is not None or args.peak_flops is not None or args.mfu is not None:
+        raise ValueError("--tokens, --device, --peak-flops and --mfu need --plan")
+    if args.sweep:
+        check_sweep(cfg, args.batch_size, T, Path(args.sweep))
+        for path in run_sweep(cfg, args.batch_size, T, Path(args.sweep)):
+            print(f"wrote {path}")
+        return 0
+    check_sizes(cfg, args.batch_size, T)
+    if args.profile:
+        return run_profile(cfg, args, T)
+    rep = report(cfg, args.batch_size, T)
+    rep["vocab_source"] = note
+    rep["seconds"] = round(time.perf_counter() - start, 3)
+    print(dump_json(rep) if args.json else render(rep, note) +
+          f"\n\ncounted in {rep['seconds']:.2f} s (after Python started; meta tensors)")
+    return 0
 
 
 if __name__ == "__main__":

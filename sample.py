@@ -57,6 +57,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
     p.add_argument("--bpe-file", metavar="PATH", help="GPT-2 ranks file r50k_base.tiktoken, for the GPT-2 "
                    "tokenizer offline; default: tiktoken's download and cache")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
 
@@ -69,6 +70,7 @@ def check_args(args) -> None:
     check("--top-p", args.top_p, float, low=0, high=1, open_low=True)
     check("--num-beams", args.num_beams, low=1)
     check("--length-penalty", args.length_penalty, float)
+    check("--seed", args.seed, low=0, high=2**63 - 1)  # what torch.Generator.manual_seed accepts
     if args.num_beams > 1 and args.num_samples > args.num_beams:
         raise UsageError(f"--num-samples {args.num_samples} exceeds --num-beams {args.num_beams} "
                          f"(beam search returns at most one sample per beam)")
@@ -172,6 +174,16 @@ class StreamPrinter:
         self.out.write(text[self.shown:] + "\n")  # whatever was held back (an unfinished character)
 
 
+def check_memory(args, config, prompt_len: int, device) -> None:
+    """Refuse, before generating, what cannot fit: KV cache, token buffer and logits of every row."""
+    from model.training.memory import check_fits, sampling_bytes
+    beams = args.num_beams > 1
+    rows = args.num_beams if beams else 1 if args.stream else args.num_samples
+    total = prompt_len + args.max_new_tokens
+    check_fits(sampling_bytes(config, rows, total, beams=beams),
+               f"sampling {rows:,} {'beams' if beams else 'rows'} of {total:,} tokens", device)
+
+
 def run(args, out=None) -> None:
     import torch
 
@@ -182,6 +194,7 @@ def run(args, out=None) -> None:
     text = prompt_text(args, tokenizer)
     ids = encode_prompt(tokenizer, text)
     eot = tokenizer.eot_token_id
+    check_memory(args, model.config, len(ids), device)
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eot,
@@ -214,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
     from model.cli import report_errors
-    return report_errors("sample.py", lambda: check_args(args) or run(args) or 0)
+    return report_errors("sample.py", lambda: check_args(args) or run(args) or 0, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -24,20 +24,26 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import GPT
-from model.cli import DEFAULT_CONFIG, duration, human, report_errors, resolve_device
+from model.cli import DEFAULT_CONFIG, duration, human, pop_debug, report_errors, resolve_device
 from model.config import GPTConfig, TrainConfig, build, help_lines, parse_overrides, read_toml, to_dict
 from model.flops import peaks
 from model.flops.formulas import train_step_flops
 from model.flops.planner import plan_run
-from model.training.checkpoint import (FORMAT, load_checkpoint, load_weights, rng_state, save_checkpoint,
-                                       set_rng_state)
+from model.training.checkpoint import (FORMAT, NonFiniteStateError, atomic_write, load_checkpoint, load_weights,
+                                       rng_state, save_checkpoint, set_rng_state)
 from model.training.data import Batches, ensure_dataset, load_meta
+from model.training.lock import OutDirLock
+from model.training.memory import check_fits, training_bytes
 from model.training.optim import clip_and_step
 from model.training.runtime import cpu_process_settings, describe_matmul_precision, matmul_precision
 
 ROOT = Path(__file__).resolve().parent
 RECALIBRATE_S = 30.0  # CPU peak: the least time between calibrations at evaluations
-USAGE = "usage: python train.py [CONFIG.toml] [--key=value ...]   (python train.py --help lists the keys)"
+USAGE = ("usage: python train.py [CONFIG.toml] [--key=value ...] [--debug]   (python train.py --help lists the keys;"
+         " --debug shows tracebacks instead of one-line errors)")
+TRIM_PAUSE_ENV = "FLOPGPT_TEST_TRIM_PAUSE_S"  # tests: seconds the metrics trim waits before its rename
+QUIET_KEYS = ("resume", "overwrite", "progress")  # differ on most resumes and change nothing in the run
+SCHEDULE_KEYS = ("lr", "min_lr", "warmup_iters", "lr_decay_iters", "lr_schedule", "max_iters")
 
 
 class TrainingStopped(Exception):
@@ -46,6 +52,10 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
+
+
+def exit_code(signal_name: str) -> int:
+    return 128 + signal.Signals[signal_name].value  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,8 +127,10 @@ class Distributed:
                 torch_dist.destroy_process_group()
 
 
-def evaluate(model, loaders, eval_iters: int, autocast, dist: Distributed, device) -> dict[str, float]:
-    """Mean loss over the same eval_iters batches per split every time (their sampler restarts from its seed)."""
+def evaluate(model, loaders, eval_iters: int, autocast, dist: Distributed, device,
+             stop=lambda: False) -> dict[str, float] | None:
+    """Mean loss over the same eval_iters batches per split every time (their sampler restarts from its seed).
+    None when stop() turns true before a batch (a signal): the evaluation is abandoned, to run again on resume."""
     out = {}
     model.eval()
     with torch.inference_mode():
@@ -126,6 +138,9 @@ def evaluate(model, loaders, eval_iters: int, autocast, dist: Distributed, devic
             batches.restart()
             total, count = 0.0, 0
             for i in range(eval_iters):
+                if stop():
+                    model.train()
+                    return None
                 if i % dist.world != dist.rank:
                     batches.skip()
                     continue
@@ -151,7 +166,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
             evals.append(rec)
         else:
             steps.append(rec["step"])
-            losses.append(rec["loss"])
+            losses.append(float("nan") if rec["loss"] is None else rec["loss"])
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=0.8, label="train (each step)")
     if evals:
@@ -192,7 +207,9 @@ class Run:
     eval_loaders: dict[str, Batches] = field(default_factory=dict)
     step: int = 0
     best_val: float = float("inf")
-    resumed_at: int = -1  # the step resumed from: its evaluation is in the checkpoint already
+    resumed_at: int = -1  # the step resumed from when its evaluation is in the checkpoint already
+    saved_step: int | None = None  # the step of the last.pt on disk: the last good checkpoint
+    stop_flag: dict = field(default_factory=dict)  # {"signal": name} once SIGINT/SIGTERM arrived
     peak: Any = None  # a peaks.Peak for all ranks together: value, source, raised by any faster reading
     calibrated_at: float = 0.0
     metrics: TextIO | None = None
@@ -239,15 +256,19 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     TrainingStopped when a signal or a non-finite loss ends it early (after saving what can be saved).
 
     Float32 matmuls run at cfg.matmul_precision for the run (on CUDA: those left outside autocast). torch keeps
-    that setting process-wide, so it is put back afterwards for callers in the same process.
+    that setting process-wide, so it is put back afterwards for callers in the same process. Rank 0 holds
+    out_dir/.lock for the whole run: a second run on the same out_dir is refused (model/training/lock.py).
     """
-    with matmul_precision(cfg.matmul_precision, resolve_device(cfg.device).type):
+    lock = OutDirLock(cfg.out_dir) if Distributed().master else nullcontext()
+    with lock, matmul_precision(cfg.matmul_precision, resolve_device(cfg.device).type):
+        if getattr(lock, "note", ""):
+            print(f"note: {lock.note}", file=sys.stderr)
         return _train(model_cfg, cfg, stop_flag=stop_flag)
 
 
 def _train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     stop_flag = stop_flag if stop_flag is not None else {}
-    run = setup(model_cfg, cfg)
+    run = setup(model_cfg, cfg, stop_flag)
     start_outputs(run)
     try:
         loop(run, stop_flag)
@@ -258,9 +279,10 @@ def _train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
 
 # ---- setup and resume
 
-def setup(model_cfg, cfg) -> Run:
-    """Devices and processes, the checks that need the dataset, then model, optimizer and batches; resumed
-    from out_dir/last.pt when cfg.resume."""
+def setup(model_cfg, cfg, stop_flag: dict) -> Run:
+    """Devices and processes, the checks that need the dataset, its batches, the memory the config needs,
+    then model and optimizer; resumed from out_dir/last.pt when cfg.resume. A signal meanwhile stops the run
+    between these stages, before training, with nothing to save."""
     dist = Distributed()
     device = dist.setup(resolve_device(cfg.device))
     if cfg.grad_accum % dist.world:
@@ -269,12 +291,21 @@ def setup(model_cfg, cfg) -> Run:
     if model_cfg.vocab_size < meta["vocab_size"]:
         raise ValueError(f"vocab_size={model_cfg.vocab_size} is smaller than the dataset's {meta['vocab_size']} "
                          f"({cfg.dataset}/meta.json)")
-    run = Run(model_cfg, cfg, dist, device, resolve_dtype(cfg.dtype, device), meta)
+    run = Run(model_cfg, cfg, dist, device, resolve_dtype(cfg.dtype, device), meta, stop_flag=stop_flag)
+    open_batches(run)  # the dataset's own errors first
+    check_fits(training_bytes(model_cfg, cfg.batch_size, 2 if run.dtype == "bfloat16" else 4),
+               f"training (batch_size={cfg.batch_size}, block_size={model_cfg.block_size})", device)
     T = model_cfg.block_size
     run.tokens_per_step = cfg.batch_size * T * cfg.grad_accum
     run.flops_per_step = train_step_flops(model_cfg, cfg.batch_size, T) * cfg.grad_accum
     ckpt = open_resume_checkpoint(run)
+    if ckpt is not None:
+        run.cfg, notes = resume_changes(ckpt.get("train_config", {}), run.cfg, int(ckpt["step"]))
+        if dist.master and notes:
+            print("\n".join(notes), file=sys.stderr)
+    stop_before_training(stop_flag)
     build_model(run)
+    stop_before_training(stop_flag)
     if ckpt is not None:
         resume(run, ckpt)
     run.peak = peaks.device_peak(device, cfg.peak_flops).scaled(dist.world)
@@ -286,6 +317,9 @@ def open_resume_checkpoint(run: Run) -> dict | None:
     """With cfg.resume: out_dir/last.pt, checked against this run's model config and dataset. Without it:
     None, or ValueError when out_dir already holds a checkpoint that --overwrite does not allow to replace."""
     cfg, path = run.cfg, run.last_path
+    for output in (run.last_path, run.best_path, run.metrics_path):
+        if output.is_dir():
+            raise ValueError(f"{output} is a directory; train.py writes a file there")
     if not cfg.resume:
         if path.exists() and not cfg.overwrite:
             raise ValueError(f"{run.out_dir} already holds a checkpoint ({path.name}); pass --resume to continue "
@@ -303,8 +337,18 @@ def open_resume_checkpoint(run: Run) -> dict | None:
     return ckpt
 
 
+def open_batches(run: Run) -> None:
+    """The train and eval batches, from the dataset checked against its meta.json (data.open_split)."""
+    cfg, T = run.cfg, run.model_cfg.block_size
+    # every rank draws every micro-batch's offsets and gathers only its own: N ranks x accum/N see the same
+    # data as one process with the full accumulation
+    run.train_batches = Batches(cfg.dataset, "train", T, cfg.batch_size, seed=cfg.seed, device=run.device)
+    run.eval_loaders = {split: Batches(cfg.dataset, split, T, cfg.batch_size, seed=cfg.seed + 1, device=run.device)
+                        for split in ("train", "val")}
+
+
 def build_model(run: Run) -> None:
-    """Seeded model (compiled, DDP-wrapped as configured), its optimizer, and the train and eval batches."""
+    """Seeded model (compiled, DDP-wrapped as configured) and its optimizer."""
     cfg, device = run.cfg, run.device
     torch.manual_seed(cfg.seed)
     if device.type == "cpu":
@@ -319,12 +363,6 @@ def build_model(run: Run) -> None:
     if run.dist.enabled:
         run.model = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None)
     run.optimizer = run.raw_model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
-    T = run.model_cfg.block_size
-    # every rank draws every micro-batch's offsets and gathers only its own: N ranks x accum/N see the same
-    # data as one process with the full accumulation
-    run.train_batches = Batches(cfg.dataset, "train", T, cfg.batch_size, seed=cfg.seed, device=device)
-    run.eval_loaders = {split: Batches(cfg.dataset, split, T, cfg.batch_size, seed=cfg.seed + 1, device=device)
-                        for split in ("train", "val")}
 
 
 def resume(run: Run, ckpt: dict) -> None:
@@ -334,16 +372,80 @@ def resume(run: Run, ckpt: dict) -> None:
     run.train_batches.load_state_dict(ckpt["batches"])
     set_rng_state(ckpt["rng"])
     run.step, run.best_val = int(ckpt["step"]), float(ckpt["best_val_loss"])
-    run.resumed_at = run.step
+    run.saved_step = run.step
+    # a run stopped before the evaluation due at its last step had finished evaluates it now
+    run.resumed_at = run.step if ckpt.get("evaluated", True) else -1
     if run.step > run.cfg.max_iters:
         raise ValueError(f"{run.last_path} is at step {run.step}, beyond max_iters={run.cfg.max_iters}")
 
 
-def trim_metrics(path: Path, step: int) -> None:
-    """On resume: drop the records after `step`, which the resumed steps will write again."""
-    if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+def stop_before_training(stop_flag: dict) -> None:
+    """A signal during setup: stop now; nothing was trained, so there is nothing to save."""
+    name = stop_flag.get("signal")
+    if name:
+        raise TrainingStopped(f"{name} received during setup: stopped before training; nothing to save",
+                              exit_code(name))
+
+
+def resume_changes(old: dict, cfg: TrainConfig, step: int) -> tuple[TrainConfig, list[str]]:
+    """(config to run, lines to print) for a resume whose TrainConfig differs from the checkpoint's `old`:
+    every changed key, old -> new, and what it does to the schedule. A new max_iters keeps the checkpoint's
+    decay horizon, so the steps it planned keep their learning rates, unless lr_decay_iters is given too:
+    that is how to ask for the decay to be planned over the new length."""
+    now = to_dict(cfg)
+    changed = {k: (old[k], v) for k, v in now.items() if k in old and old[k] != v and k not in QUIET_KEYS}
+    if not changed:
+        return cfg, []
+    lines = ["resume: changed from the checkpoint's config: " +
+             ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())]
+    if "max_iters" in changed and "lr_decay_iters" not in changed and old.get("lr_decay_iters") == 0:
+        cfg = replace(cfg, lr_decay_iters=old["max_iters"])
+        after = (f"steps {old['max_iters']}-{cfg.max_iters} train at min_lr={cfg.min_lr:g}"
+                 if cfg.max_iters > old["max_iters"] else f"the run now ends at step {cfg.max_iters}, before it")
+        lines.append(f"resume: the learning-rate decay still ends at step {old['max_iters']} ({after}); pass "
+                     f"--lr_decay_iters={cfg.max_iters} to decay over the new length instead")
+    if any(k in changed for k in SCHEDULE_KEYS if k != "max_iters"):  # max_iters alone: horizon kept above
+        planned = replace(cfg, **{k: old[k] for k in SCHEDULE_KEYS if k in old})
+        lines.append(f"resume: learning rate at step {step}: {lr_at(step, planned):.4g} as the checkpoint planned, "
+                     f"{lr_at(step, cfg):.4g} now; steps {step} on follow the new schedule")
+    if "batch_size" in changed or "grad_accum" in changed:
+        lines.append(f"resume: {old['batch_size'] * old['grad_accum']} -> {cfg.batch_size * cfg.grad_accum} "
+                     f"sequences per step from step {step} on; no longer the same batches as an uninterrupted run")
+    if "seed" in changed:
+        lines.append("resume: the training batches continue from the checkpoint's sampler; the evaluation "
+                     "batches change (they are drawn from seed+1)")
+    return cfg, lines
+
+
+def read_metrics(path: Path) -> tuple[list[str], str]:
+    """The lines of metrics.jsonl, each checked to be a JSON record with an integer step. A last line that
+    is blank or cut short (a crash while writing it) is dropped, with a note; any other bad line is a
+    ValueError naming the file and line."""
+    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the newline that ends the last record
+    for i, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+        except ValueError as e:
+            if i == len(lines):
+                return lines[:-1], f"{path}:{i}: dropped a torn last line (a crash while writing it)"
+            raise ValueError(f"{path}:{i}: not a JSON record ({e})") from None
+        step = rec.get("step") if isinstance(rec, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(f"{path}:{i}: not a metrics record (expected an object with an integer 'step')")
+    return lines, ""
+
+
+def trim_metrics(path: Path, step: int) -> str:
+    """On resume: drop the records after `step`, which the resumed steps will write again. The file is
+    replaced atomically (a kill at any moment leaves the old file or the trimmed one); returns a note."""
+    if not path.exists():
+        return ""
+    lines, note = read_metrics(path)
+    keep = "".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= step)
+    atomic_write(path, lambda f: f.write(keep.encode()), "metrics file", pause_env=TRIM_PAUSE_ENV)
+    return note
 
 
 def start_outputs(run: Run) -> None:
@@ -351,12 +453,14 @@ def start_outputs(run: Run) -> None:
     dist = run.dist
     if dist.master:
         run.out_dir.mkdir(parents=True, exist_ok=True)
-        if run.resumed_at >= 0:
-            trim_metrics(run.metrics_path, run.step)
+        if run.saved_step is not None:  # resumed
+            note = trim_metrics(run.metrics_path, run.step)
+            if note:
+                print(f"note: {note}", file=sys.stderr)
         else:
             run.metrics_path.write_text("")
         announce(run)
-        run.metrics = run.metrics_path.open("a")
+        run.metrics = run.metrics_path.open("a", buffering=1)  # line-buffered: a hard exit loses no record
     run.bar = tqdm(total=run.cfg.max_iters, initial=run.step, disable=not (dist.master and run.cfg.progress),
                    dynamic_ncols=True, file=sys.stderr)
     run.start_step, run.started = run.step, time.perf_counter()
@@ -385,7 +489,7 @@ def loop(run: Run, stop_flag: dict) -> None:
     cfg = run.cfg
     while True:
         last_step = run.step == cfg.max_iters
-        if (run.step % cfg.eval_interval == 0 or last_step) and run.step != run.resumed_at:
+        if due_for_eval(run) and run.step != run.resumed_at:
             evaluate_and_checkpoint(run)
         if last_step:
             return
@@ -397,6 +501,10 @@ def loop(run: Run, stop_flag: dict) -> None:
                                     f"{record['tokens_per_s']:,.0f} tok/s mfu {record['mfu']:.1%}", refresh=False)
             run.bar.update(1)
         check_stop(run, stop_flag)
+
+
+def due_for_eval(run: Run) -> bool:
+    return run.step % run.cfg.eval_interval == 0 or run.step == run.cfg.max_iters
 
 
 def train_step(run: Run) -> dict:
@@ -447,24 +555,30 @@ def progress_mfu(run: Run, seconds: float) -> float:
 def check_finite(run: Run, loss: float) -> None:
     """A non-finite loss ends the run (exit code 1), naming the last good checkpoint."""
     if not math.isfinite(loss):
-        path = run.last_path
-        kept = f"{path} (step {load_checkpoint(path)['step']})" if path.exists() else "none"
-        raise TrainingStopped(f"loss is {loss} at step {run.step}; stopping. Last good checkpoint: {kept}", 1)
+        raise TrainingStopped(f"loss is {loss} at step {run.step}; stopping. Last good checkpoint: "
+                              f"{last_good(run)}", 1)
+
+
+def last_good(run: Run) -> str:
+    """The last.pt this run saved or resumed from (saves refuse non-finite states, so it is finite)."""
+    return f"{run.last_path} (step {run.saved_step})" if run.saved_step is not None else "none"
 
 
 def check_stop(run: Run, stop_flag: dict) -> None:
     """After a signal (see install_signal_handlers): save last.pt and stop, every rank at the same step."""
     if run.dist.any(bool(stop_flag.get("signal")), run.device):
         name = stop_flag.get("signal", "SIGTERM")
-        save_checkpoints(run)
+        save_checkpoints(run, evaluated=not due_for_eval(run))  # a due evaluation runs on resume
         raise TrainingStopped(f"{name} received: stopped after step {run.step}; checkpoint saved to "
-                              f"{run.last_path} (resume with --resume)", 130 if name == "SIGINT" else 143)
+                              f"{run.last_path} (resume with --resume)", exit_code(name))
 
 
 def write_record(run: Run, record: dict, flush: bool = False) -> None:
     """One line of metrics.jsonl: a step record, or an evaluation's (kind "eval"). Rank 0 writes."""
     if run.metrics is not None:
-        run.metrics.write(json.dumps(record) + "\n")
+        # strict JSON: a non-finite number (a NaN loss, the grad norm without clipping) is written as null
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        run.metrics.write(json.dumps(clean, allow_nan=False) + "\n")
         if flush:
             run.metrics.flush()
 
@@ -473,8 +587,16 @@ def write_record(run: Run, record: dict, flush: bool = False) -> None:
 
 def evaluate_and_checkpoint(run: Run) -> None:
     """Evaluate both splits, record and print the losses, save last.pt (and best.pt on a new best val loss),
-    then give the CPU peak another reading."""
-    losses = evaluate(run.eval_model, run.eval_loaders, run.cfg.eval_iters, run.autocast, run.dist, run.device)
+    then give the CPU peak another reading. A signal during it abandons it: last.pt is saved as not yet
+    evaluated, and --resume runs this evaluation first."""
+    stop = lambda: run.dist.any(bool(run.stop_flag.get("signal")), run.device)  # noqa: E731
+    losses = evaluate(run.eval_model, run.eval_loaders, run.cfg.eval_iters, run.autocast, run.dist, run.device,
+                      stop)
+    if losses is None:
+        name = run.stop_flag.get("signal", "SIGTERM")
+        save_checkpoints(run, evaluated=False)
+        raise TrainingStopped(f"{name} received during the evaluation of step {run.step}: stopped; checkpoint "
+                              f"saved to {run.last_path}, the evaluation runs again on --resume", exit_code(name))
     run.last_losses = losses
     if run.dist.master:
         write_record(run, {"kind": "eval", "step": run.step, "train_loss": losses["train"],
@@ -494,22 +616,29 @@ def recalibrate_peak(run: Run) -> None:
         run.calibrated_at = time.perf_counter()
 
 
-def checkpoint_state(run: Run) -> dict:
-    """Everything a bit-exact resume needs, plus what sample.py and load_model read."""
-    return {"format": FORMAT, "step": run.step, "best_val_loss": run.best_val,
+def checkpoint_state(run: Run, evaluated: bool = True) -> dict:
+    """Everything a bit-exact resume needs, plus what sample.py and load_model read. evaluated: False when
+    the evaluation due at this step has not run (a signal came first)."""
+    return {"format": FORMAT, "step": run.step, "evaluated": evaluated, "best_val_loss": run.best_val,
             "model": run.raw_model.state_dict(), "model_config": to_dict(run.model_cfg),
             "train_config": to_dict(run.cfg), "optimizer": run.optimizer.state_dict(), "rng": rng_state(),
             "batches": run.train_batches.state_dict(), "meta": run.meta, "dataset": str(run.cfg.dataset)}
 
 
-def save_checkpoints(run: Run, new_best: bool = False) -> None:
-    """Rank 0 saves last.pt; with new_best, the val loss just evaluated becomes the best and best.pt too."""
+def save_checkpoints(run: Run, new_best: bool = False, evaluated: bool = True) -> None:
+    """Rank 0 saves last.pt; with new_best, the val loss just evaluated becomes the best and best.pt too.
+    Weights or moments gone non-finite are never saved: the run stops (exit code 1) naming the last good
+    checkpoint."""
     if not run.dist.master:
         return
-    if new_best:
-        run.best_val = run.last_losses["val"]
-        save_checkpoint(checkpoint_state(run), run.best_path)
-    save_checkpoint(checkpoint_state(run), run.last_path)
+    try:
+        if new_best:
+            run.best_val = run.last_losses["val"]
+            save_checkpoint(checkpoint_state(run, evaluated), run.best_path)
+        save_checkpoint(checkpoint_state(run, evaluated), run.last_path)
+    except NonFiniteStateError as e:
+        raise TrainingStopped(f"{e}; stopping. Last good checkpoint: {last_good(run)}", 1) from None
+    run.saved_step = run.step
 
 
 # ---- teardown
@@ -590,10 +719,20 @@ def print_help(argv: list[str]) -> None:
 
 @contextmanager
 def install_signal_handlers(stop_flag: dict):
-    """SIGINT and SIGTERM set stop_flag["signal"]: the run finishes its step, saves and exits (check_stop).
-    The previous handlers come back on the way out."""
+    """The first SIGINT or SIGTERM sets stop_flag["signal"]: the run stops at its next safe point (between
+    setup stages, evaluation batches or training steps), saves and exits (check_stop). A second one ends
+    the process at once, by the signal's default action: checkpoints are written atomically, so nothing
+    on disk is torn. The previous handlers come back on the way out."""
     def on_signal(signum, frame):
-        stop_flag["signal"] = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if "signal" in stop_flag:
+            os.write(2, f"\ntrain.py: second {name}: exiting now\n".encode())
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        stop_flag["signal"] = name
+        os.write(2, f"\ntrain.py: {name} received: stopping at the next safe point (send it again to exit at "
+                    f"once)\n".encode())  # os.write: safe even while the handler interrupts a print
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -604,10 +743,11 @@ def install_signal_handlers(stop_flag: dict):
 
 
 def run_cli(argv: list[str]) -> int:
-    model_cfg, train_cfg = configs_from_argv(argv)
     stop_flag: dict = {}
-    with install_signal_handlers(stop_flag):
+    with install_signal_handlers(stop_flag):  # before the dataset is prepared or anything is built
         try:
+            model_cfg, train_cfg = configs_from_argv(argv)
+            stop_before_training(stop_flag)
             train(model_cfg, train_cfg, stop_flag=stop_flag)
         except TrainingStopped as e:
             print(f"train.py: {e}", file=sys.stderr)
@@ -616,10 +756,10 @@ def run_cli(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv, debug = pop_debug(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
-        return report_errors("train.py", lambda: print_help(argv) or 0)
-    return report_errors("train.py", lambda: run_cli(argv))
+        return report_errors("train.py", lambda: print_help(argv) or 0, debug=debug)
+    return report_errors("train.py", lambda: run_cli(argv), debug=debug)
 
 
 if __name__ == "__main__":

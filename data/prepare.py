@@ -34,11 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: tiktoken downloads GPT-2's ranks once and caches them)")
     p.add_argument("--out-dir", metavar="DIR", help="output folder (default data/<source>_<tokenizer>)")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data/ is not a package; model/ is beside it
+    from model.cli import report_errors
     from model.training.data import prepare
 
     parser = build_parser()
@@ -46,13 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.input is not None and args.source == "pydoc":
         parser.error(f"--input {args.input} conflicts with --source {args.source}")
     source = args.source or ("file" if args.input else "pydoc")
-    try:
-        prepare(source, args.tokenizer, args.out_dir, input_path=args.input, bpe_file=args.bpe_file,
-                vocab_size=args.vocab_size, quiet=args.quiet)
-    except (ValueError, OSError) as e:  # OSError covers FileNotFoundError and a failed download
-        print(f"prepare.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    # OSError covers a missing file, a failed download and a full disk
+    return report_errors("prepare.py", lambda: prepare(source, args.tokenizer, args.out_dir, input_path=args.input,
+                                                       bpe_file=args.bpe_file, vocab_size=args.vocab_size,
+                                                       quiet=args.quiet) and 0, debug=args.debug)
 
 
 if __name__ == "__main__":

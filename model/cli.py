@@ -46,15 +46,37 @@ def resolve_device(name: str, flag: str = "device") -> torch.device:
     return device
 
 
-def report_errors(prog: str, body: Callable[[], int], errors: tuple[type, ...] = (ValueError, FileNotFoundError)) -> int:
-    """Run a CLI's body and return its exit code; a bad input (one of `errors`) becomes one line on stderr,
-    `prog: error: ...`, and exit code 2 instead of a traceback."""
+EXPECTED_ERRORS = (ValueError, OSError, MemoryError)  # bad input; missing file, full disk; too little memory
+ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "not enough memory")  # torch's RuntimeErrors
+
+
+def pop_debug(argv: list[str]) -> tuple[list[str], bool]:
+    """(argv without --debug, whether it was given): --debug shows tracebacks instead of one-line errors."""
+    return [a for a in argv if a != "--debug"], "--debug" in argv
+
+
+def report_errors(prog: str, body: Callable[[], int], errors: tuple[type, ...] = EXPECTED_ERRORS,
+                  debug: bool = False) -> int:
+    """Run a CLI's body and return its exit code; an expected failure (one of `errors`, or torch's failed
+    allocation) becomes one line on stderr, `prog: error: ...`, and exit code 2 instead of a traceback.
+    Tracebacks stay for real bugs, and for everything with debug (the CLIs' --debug flag)."""
+    if debug:
+        return body()
     try:
         return body()
     except errors as e:
-        message = " ".join(str(e).split())  # one line, whatever the message holds
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
+        message = str(e)
+        if isinstance(e, OSError) and e.strerror and e.filename is None:
+            message = e.strerror  # the project's own OSErrors name their file in the text: no "[Errno N]"
+        elif isinstance(e, MemoryError):
+            message = f"out of memory ({e or 'MemoryError'})"
+    except RuntimeError as e:
+        if not any(s in str(e).lower() for s in ALLOCATION_FAILURES):
+            raise
+        message = f"out of memory: {str(e).strip().splitlines()[0]} (--debug shows the traceback)"
+    message = " ".join(message.split())  # one line, whatever the message holds
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def config_doc() -> str:

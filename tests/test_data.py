@@ -329,3 +329,81 @@ def test_open_split_and_meta_errors(tmp_path, dataset):
     (dataset / "meta.json").write_text(json.dumps({**meta, "dtype": "float32"}))
     with pytest.raises(ValueError, match="dtype 'float32'"):
         open_split(dataset, "train")
+
+
+def rewrite_meta(dataset: Path, **changes) -> None:
+    meta = json.loads((dataset / "meta.json").read_text())
+    (dataset / "meta.json").write_text(json.dumps({**meta, **changes}))
+
+
+def test_token_ids_at_or_above_vocab_size_are_refused_on_open(dataset):
+    vocab = load_meta(dataset)["vocab_size"]
+    tokens = read_split(dataset, "train")
+    bad = tokens.copy()
+    bad[7] = vocab  # the first id out of range
+    bad.tofile(dataset / "train.bin")
+    with pytest.raises(ValueError, match=rf"train.bin: token id {vocab} at index 7 is not below vocab_size={vocab}"):
+        Batches(dataset, "train", 8, 2)
+    tokens.tofile(dataset / "train.bin")
+    rewrite_meta(dataset, vocab_size=int(tokens.max()))  # a meta.json vocabulary smaller than the data
+    with pytest.raises(ValueError, match=rf"token id {tokens.max()} at index {np.argmax(tokens == tokens.max())} "
+                                         rf"is not below vocab_size={tokens.max()}"):
+        open_split(dataset, "train")
+
+
+def test_split_sizes_must_match_meta_json(dataset):
+    tokens = read_split(dataset, "val")
+    tokens[:-1].tofile(dataset / "val.bin")
+    with pytest.raises(ValueError, match=rf"val.bin: {len(tokens) - 1:,} tokens, but .*val_tokens={len(tokens):,}"):
+        open_split(dataset, "val")
+    (dataset / "val.bin").write_bytes(tokens.tobytes() + b"\0")  # half a uint16 token
+    with pytest.raises(ValueError, match=rf"{2 * len(tokens) + 1:,} bytes is not a whole number of uint16"):
+        open_split(dataset, "val")
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "two-renames"])
+def test_prepare_swaps_in_a_new_folder_and_an_open_reader_keeps_its_view(tmp_path, corpus, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(data, "_exchange", lambda a, b: False)
+    out = prepare(input_path=corpus, out_dir=tmp_path / "ds", quiet=True)
+    reader = Batches(out, "train", 8, 4, seed=0)
+    before = np.array(reader.data)
+    other = tmp_path / "other.txt"
+    other.write_text("a different corpus, other letters: xyzzy QWERTY!\n" * 30, encoding="utf-8")
+    prepare(input_path=other, out_dir=out, quiet=True)
+    assert np.array_equal(np.array(reader.data), before)  # the old files, unchanged, still mapped
+    reader.next()
+    assert load_meta(out)["input"] == str(other) and len(read_split(out, "train")) != len(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "notes.txt", "other.txt"]  # no temp folder left
+
+
+def test_prepare_keeps_other_files_in_the_dataset_folder(tmp_path, corpus):
+    out = prepare(input_path=corpus, out_dir=tmp_path / "ds", quiet=True)
+    (out / "notes.md").write_text("mine")
+    reader = Batches(out, "train", 8, 4, seed=0)
+    before = np.array(reader.data)
+    prepare(input_path=corpus, tokenizer="bpe", vocab_size=260, out_dir=out, quiet=True)
+    assert (out / "notes.md").read_text() == "mine" and (out / RANKS_FILE).is_file()
+    assert np.array_equal(np.array(reader.data), before)
+    prepare(input_path=corpus, out_dir=out, quiet=True)
+    assert not (out / RANKS_FILE).exists()  # a char dataset has no ranks file
+
+
+def test_prepare_failure_leaves_the_old_dataset(tmp_path, corpus, monkeypatch):
+    out = prepare(input_path=corpus, out_dir=tmp_path / "ds", quiet=True)
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(data, "write_meta", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        prepare(input_path=corpus, tokenizer="bpe", vocab_size=260, out_dir=out, quiet=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "notes.txt"]
+
+
+def test_prepare_out_dir_must_be_a_folder(tmp_path, corpus):
+    with pytest.raises(ValueError, match="out_dir is empty"):
+        prepare(input_path=corpus, out_dir="", quiet=True)
+    with pytest.raises(ValueError, match="out_dir /dev/null exists and is not a folder"):
+        prepare(input_path=corpus, out_dir="/dev/null", quiet=True)

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, `weights_only` loads, and everything a bit-exact resume needs.
+"""Checkpoints: atomic writes of finite states only, verified `weights_only` loads, and everything a
+bit-exact resume needs.
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts (no pickled classes), so it loads
 with `torch.load(weights_only=True)`:
@@ -7,41 +8,85 @@ with `torch.load(weights_only=True)`:
 """
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import pickle
 import random
 import re
+import shutil
 import tempfile
+import time
 import zipfile
+from zlib import error as zlib_error
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from ..config import GPTConfig
 from ..gpt.gpt import GPT
+from .memory import check_fits, weights_bytes
 
 FORMAT = "flopgpt-1"
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write `state` to `path` atomically: temp file in the same folder, fsync, rename, fsync the folder.
+class NonFiniteStateError(ValueError):
+    """A state to be saved holds NaN or infinite weights or optimizer moments: saving it would replace the
+    last good checkpoint with one that cannot train."""
 
-    A process killed at any moment leaves either the previous file or the new one, never a torn file.
-    """
+
+def non_finite_tensor(state: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor in state["model"] or state["optimizer"] holding a NaN or
+    an infinity, else None."""
+    def walk(obj, name):
+        if isinstance(obj, torch.Tensor):
+            return name if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+        for k, v in items:
+            found = walk(v, f"{name}.{k}")
+            if found:
+                return found
+        return None
+    return walk(state.get("model", {}), "model") or walk(state.get("optimizer", {}), "optimizer")
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Write `state` to `path` atomically (see atomic_write); a state with non-finite weights or optimizer
+    moments is refused (NonFiniteStateError) and the previous file kept."""
     path = Path(path)
+    bad = non_finite_tensor(state)
+    if bad is not None:
+        raise NonFiniteStateError(f"not saving {path}: {bad} holds NaN or infinite values")
+    return atomic_write(path, lambda f: torch.save(state, f), what="checkpoint")
+
+
+def atomic_write(path: str | Path, write: Callable[[Any], None], what: str = "file",
+                 pause_env: str | None = None) -> Path:
+    """Call write(binary file) on a temp file in path's folder, fsync, rename over `path`, fsync the folder.
+
+    A process killed at any moment leaves either the previous file or the new one, never a torn file. A
+    failed write (a full disk) is an OSError naming the file, the previous one kept. pause_env names an
+    environment variable holding seconds to wait before the rename (tests kill the process there)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, f"{what} path {path} is a directory, not a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path)
     # the writer's pid in the name lets a later save tell a dead writer's leftover from a live writer's file
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if pause_env and os.environ.get(pause_env):
+            time.sleep(float(os.environ[pause_env]))
         os.replace(tmp, path)
+    except Exception as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _write_error(path, e, what) from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -53,6 +98,19 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def _write_error(path: Path, e: Exception, what: str) -> OSError:
+    """One OSError for every way a write fails; torch's zip writer reports a full disk as a RuntimeError
+    ("unexpected pos"), so a nearly full disk is named as the likely cause."""
+    code = getattr(e, "errno", None)
+    free = shutil.disk_usage(path.parent).free
+    if code == errno.ENOSPC or (code is None and free < (64 << 20)):
+        code, reason = errno.ENOSPC, f"no space left on the device ({free:,} bytes free)"
+    else:
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[-1]
+    kept = f"; the previous {path.name} is kept" if path.is_file() else ""
+    return OSError(code or errno.EIO, f"could not write {what} {path}: {reason}{kept}")
+
+
 def remove_stale_temp_files(path: str | Path) -> list[Path]:
     """Delete temp files that a killed save of `path` left behind (a writer killed with SIGKILL cannot clean
     up). Only files whose writer process no longer exists go; returns what was deleted."""
@@ -61,7 +119,7 @@ def remove_stale_temp_files(path: str | Path) -> list[Path]:
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\..*\.tmp$")
     for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         m = pattern.match(tmp.name)
-        if m is None or _process_exists(int(m.group(1))):
+        if m is None or process_exists(int(m.group(1))):
             continue
         try:
             tmp.unlink()
@@ -71,7 +129,7 @@ def remove_stale_temp_files(path: str | Path) -> list[Path]:
     return gone
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:
@@ -83,13 +141,29 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def verify_archive(path: str | Path) -> None:
+    """Check every member of a torch zip archive against its CRC-32 (torch.load checks none of them), so
+    flipped bits or a torn copy are a ValueError naming the file and the damaged member."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, zlib_error) as e:
+        raise ValueError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise ValueError(f"{path}: corrupt checkpoint: {bad} fails its CRC-32 check")
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict safely; every failure is a ValueError/FileNotFoundError naming the file."""
+    """Load a checkpoint dict safely after verifying its integrity; every failure is a ValueError or
+    FileNotFoundError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint path {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is torn or foreign
         raise ValueError(f"{path}: truncated or corrupt checkpoint (not a torch zip archive)")
+    verify_archive(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -122,6 +196,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "<checkpoint>
         config = GPTConfig(**ckpt["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: invalid or missing model_config ({e})") from None
+    check_fits(weights_bytes(config), f"the model of {path}", device)
     model = GPT(config)
     load_weights(model, ckpt["model"], path)
     return model.to(device)

@@ -7,10 +7,13 @@ model/tokenizer.py), the dtype and the split sizes. JSON, never pickle, so check
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -40,17 +43,32 @@ def load_meta(dataset_dir: str | Path) -> dict:
 
 
 def open_split(dataset_dir: str | Path, split: str) -> np.memmap:
-    """A read-only memmap of train.bin or val.bin with the dtype meta.json names."""
+    """A read-only memmap of train.bin or val.bin, checked against meta.json: its dtype, its token count
+    (train_tokens / val_tokens) and every id below vocab_size, so a bad dataset is refused here, not as an
+    IndexError mid-run."""
     meta = load_meta(dataset_dir)
+    meta_path = Path(dataset_dir) / "meta.json"
     path = Path(dataset_dir) / f"{split}.bin"
     if not path.is_file():
         raise FileNotFoundError(f"dataset split not found: {path}")
     if meta["dtype"] not in DTYPES:
-        raise ValueError(f"{Path(dataset_dir) / 'meta.json'}: dtype {meta['dtype']!r} is not one of {DTYPES}")
+        raise ValueError(f"{meta_path}: dtype {meta['dtype']!r} is not one of {DTYPES}")
     dtype = np.dtype(meta["dtype"])
-    if path.stat().st_size < dtype.itemsize:
+    size = path.stat().st_size
+    if size < dtype.itemsize:
         raise ValueError(f"{path}: empty token file")
-    return np.memmap(path, dtype=dtype, mode="r")
+    if size % dtype.itemsize:
+        raise ValueError(f"{path}: {size:,} bytes is not a whole number of {meta['dtype']} tokens (torn file?)")
+    data = np.memmap(path, dtype=dtype, mode="r")
+    expected = meta.get(f"{split}_tokens")
+    if expected is not None and expected != len(data):
+        raise ValueError(f"{path}: {len(data):,} tokens, but {meta_path} says {split}_tokens={expected:,} "
+                         f"(the dataset changed or is being rewritten; prepare it again)")
+    top = int(data.max())
+    if top >= meta["vocab_size"]:
+        raise ValueError(f"{path}: token id {top} at index {int(np.argmax(data >= meta['vocab_size']))} is not "
+                         f"below vocab_size={meta['vocab_size']} of {meta_path}")
+    return data
 
 
 class Batches:
@@ -217,6 +235,9 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
     or "shakespeare" (input_path when given, a local copy; else downloaded once and kept in out_dir/input.txt;
     either way checked against its sha256). out_dir defaults to data/<source>_<tokenizer>, with the input
     file's stem as <source> for "file". Returns out_dir.
+
+    The files are written into a new folder beside out_dir, which then replaces out_dir (see
+    publish_dataset): a reader of the old dataset keeps its files, never sees them rewritten.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
@@ -226,8 +247,7 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
         raise ValueError("source 'file' needs an input path (--input PATH)")
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {tokenizer!r}; expected one of {', '.join(TOKENIZERS)}")
-    stem = Path(input_path).stem if source == "file" else source
-    out = Path(out_dir) if out_dir is not None else Path("data") / f"{stem}_{tokenizer}"
+    out = dataset_folder(out_dir, Path(input_path).stem if source == "file" else source, tokenizer)
 
     if source == "file":
         text = read_text_file(input_path)
@@ -240,24 +260,84 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
     ids = np.array(tok.encode(text), dtype=dtype)  # (N,)
     n_train = split_point(len(ids))
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # no meta.json until the bins are complete
-    ids[:n_train].tofile(out / "train.bin")
-    ids[n_train:].tofile(out / "val.bin")
-    if isinstance(tok, TiktokenTokenizer):
-        tok.save_ranks(out / RANKS_FILE)  # its sha256 is in tok.meta()
-    else:
-        (out / RANKS_FILE).unlink(missing_ok=True)  # stale ranks from an earlier byte-level prep
-    tok_meta = tok.meta()  # its bulky entries (chars, merges) go last in the file
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "dtype": dtype, "source": source,
             **({"input": str(input_path)} if input_path is not None else {}),
             "text_chars": len(text), "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-            "train_tokens": int(n_train), "val_tokens": int(len(ids) - n_train), **tok_meta}
-    write_meta(meta, out / "meta.json")
+            "train_tokens": int(n_train), "val_tokens": int(len(ids) - n_train),
+            **tok.meta()}  # the tokenizer's bulky entries (chars, merges) go last in the file
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        ids[:n_train].tofile(tmp / "train.bin")
+        ids[n_train:].tofile(tmp / "val.bin")
+        if isinstance(tok, TiktokenTokenizer):
+            tok.save_ranks(tmp / RANKS_FILE)  # its sha256 is in tok.meta()
+        if source == "shakespeare" and (out / "input.txt").is_file():
+            shutil.copyfile(out / "input.txt", tmp / "input.txt")  # the download cache moves with the folder
+        write_meta(meta, tmp / "meta.json")
+        publish_dataset(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
         print(f"{source}: {len(text):,} chars -> {tokenizer} tokenizer, vocab {tok.vocab_size:,} -> {out}/\n"
               f"  train.bin {n_train:,} tokens, val.bin {len(ids) - n_train:,} tokens ({dtype}), meta.json")
     return out
+
+
+def dataset_folder(out_dir: str | Path | None, stem: str, tokenizer: str) -> Path:
+    """out_dir, by default data/<stem>_<tokenizer>; an empty name or a path that is not a folder is refused."""
+    if out_dir is not None and str(out_dir) == "":
+        raise ValueError("out_dir is empty; name a folder")
+    out = Path(out_dir) if out_dir is not None else Path("data") / f"{stem}_{tokenizer}"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} exists and is not a folder")
+    return out
+
+
+DATASET_FILES = ("train.bin", "val.bin", RANKS_FILE, "input.txt", "meta.json")  # meta.json last: see below
+
+
+def publish_dataset(new: Path, out: Path) -> None:
+    """Make the complete dataset folder `new` the dataset at `out`, never writing into a file of the old one.
+
+    No `out` yet: one rename. An `out` holding only dataset files: the two folders swap in one atomic
+    rename (renameat2 RENAME_EXCHANGE) and `new` is left holding the old files; where the kernel cannot
+    swap, two renames. An `out` that also holds other files (a corpus kept beside its dataset): each
+    dataset file is replaced by its own rename, meta.json last, so a reader opening in between sees token
+    counts that disagree with meta.json and is refused by open_split. Either way a reader that has the old
+    files open or mapped keeps reading them, unchanged, until it closes them."""
+    for name in DATASET_FILES:
+        if (new / name).is_file():
+            with open(new / name, "rb") as f:
+                os.fsync(f.fileno())  # the data is on disk before any rename points at it
+    if not out.exists():
+        os.rename(new, out)
+        return
+    ours = set(DATASET_FILES) - {"input.txt"} | {p.name for p in new.iterdir()}
+    if all(p.name in ours and p.is_file() for p in out.iterdir()):
+        if not _exchange(new, out):
+            old = new.with_name(new.name + ".old")
+            os.rename(out, old)
+            os.rename(new, out)
+            os.rename(old, new)
+        return
+    for name in DATASET_FILES:
+        if (new / name).is_file():
+            os.replace(new / name, out / name)
+        elif name != "input.txt":
+            (out / name).unlink(missing_ok=True)  # stale ranks from an earlier byte-level prep
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (Linux renameat2 RENAME_EXCHANGE); False where that is unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2 is None or renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange):
+        return False
+    return True
 
 
 def _repo_root() -> Path:
