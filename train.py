@@ -208,12 +208,13 @@ def _train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     from tqdm import tqdm
 
     from model import GPT
+    from model.gpt.speed import use_cpu_kernels
     from model.training.checkpoint import (FORMAT, load_checkpoint, load_weights, rng_state, save_checkpoint,
                                   set_rng_state)
     from model.config import to_dict
     from model.training.data import Batches, load_meta
     from model.flops.formulas import train_step_flops
-    from model.training.optim import clip_and_step
+    from model.training.optim import adamw, clip_and_step
     from model.flops.peaks import measure_cpu_peak, mfu, peak_flops
     from model.flops.planner import plan_run
     from model.training.runtime import describe_matmul_precision
@@ -261,13 +262,14 @@ def _train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
                 else nullcontext())
 
-    raw_model = GPT(model_cfg).to(device)
+    kernels = use_cpu_kernels(device.type, model_cfg.dropout, precision, cfg.compile)  # see model/gpt/speed.py
+    raw_model = GPT(model_cfg, cpu_kernels=kernels).to(device)
     model = torch.compile(raw_model) if cfg.compile else raw_model
     eval_model = model  # never the DDP wrapper: evaluation needs no gradient sync
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = raw_model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
+    optimizer = adamw(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
 
     T = model_cfg.block_size
     # every rank draws every micro-batch's offsets and gathers only its own: N ranks x accum/N see the same
