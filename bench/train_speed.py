@@ -1,8 +1,8 @@
 """Training speed, side by side in one run: a nanoGPT-style baseline step against flopgpt's train.py step.
 
-    python bench/train_speed.py            # recipes a and b; sdpa/manual; eager/compile (compile: a only on CPU)
-    python bench/train_speed.py --quick    # recipe a only, eager only (about a minute)
-    python bench/train_speed.py --recipes=a --without=allocator,fused_adamw   # what each technique buys
+    python bench/train_speed.py          # recipes a and b; sdpa/manual; eager/compile (compile: a only on CPU)
+    python bench/train_speed.py --quick  # recipe a only, eager only (about a minute)
+    python bench/train_speed.py --recipes=a --without=allocator,fused_adamw  # what each technique buys
 
 Recipes (nanoGPT's): (a) its CPU "baby GPT" command: char-level, 4 layers, 4 heads, 128 wide, block 64, batch
 12, dropout 0; (b) its shakespeare_char config: 6 layers, 6 heads, 384 wide, block 256, batch 64, dropout 0.2.
@@ -11,13 +11,14 @@ into q, k, v; exact-erf GELU; bias-free LayerNorm/Linear; SDPA attention), its g
 every call, one torch.stack per x and y of per-row slices), plain AdamW (nanoGPT fuses it only on CUDA) and
 its loop (loss divided by the accumulation steps, next batch fetched between forward and backward, clip, step,
 loss.item() and its MFU estimate's parameter count every step as with --log_interval=1; its log print is left
-out). Each variant runs in its own process, with the process settings of the program it stands
-for: flopgpt's workers apply train.py's (model/training/runtime.py, glibc's allocator keeping freed memory), the baseline's
-none. Variants are timed in alternating blocks of steps (repeats) after warm-up steps; each row reports the
-median step time, tokens/s, model FLOP/s (exact FLOPs from model.flops.formulas.train_step_flops, 2 per multiply-add) and
-MFU against the peak from model.flops.peaks (on CPU a calibrated large fp32 matmul), and its speed relative to the
-baseline: the median over repeats of the ratio of the two programs' median step times in that repeat's blocks
-(timed seconds apart), with the range of those ratios. The machine may be shared: compare ratios, not absolute numbers.
+out). Each variant runs in its own process, with the process settings of the program it stands for:
+flopgpt's workers apply train.py's (model/training/runtime.py, glibc's allocator keeping freed memory), the
+baseline's none. Variants are timed in alternating blocks of steps (repeats) after warm-up steps; each row
+reports the median step time, tokens/s, model FLOP/s (exact FLOPs from model.flops.formulas.train_step_flops,
+2 per multiply-add) and MFU against the peak from model.flops.peaks (on CPU a calibrated large fp32 matmul),
+and its speed relative to the baseline: the median over repeats of the ratio of the two programs' median step
+times in that repeat's blocks (timed seconds apart), with the range of those ratios. The machine may be
+shared: compare ratios, not absolute numbers.
 
 On CPUs with bf16 matmul units (AMX, AVX512-BF16) two more rows run both steps with float32 matmul precision
 "medium" (bf16 inputs, fp32 accumulation; train.py's --matmul_precision=medium), their MFU against the bf16
@@ -65,10 +66,9 @@ class Variant:
 # ----------------------------------------------------------------------------------------------------
 # The nanoGPT-style baseline: its model, batches, optimizer and loop, rewritten here.
 
-def nanogpt_model(cfg):
-    """nanoGPT's GPT for GPTConfig `cfg`, as it computes: LayerNorm with optional bias, fused c_attn, SDPA
-    (is_causal, dropout in training), exact GELU MLP, tied head, GPT-2 init. Returns an nn.Module whose
-    forward(idx, targets) -> (logits, loss)."""
+def _nanogpt_layers(cfg):
+    """nanoGPT's LayerNorm (optional bias) and Block (fused c_attn, SDPA with is_causal and dropout in
+    training, exact GELU MLP) classes for GPTConfig `cfg`."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -113,6 +113,17 @@ def nanogpt_model(cfg):
         def forward(self, x):
             x = x + self.attn(self.ln_1(x))  # (B, T, C)
             return x + self.drop(self.c_proj(self.gelu(self.c_fc(self.ln_2(x)))))  # (B, T, C)
+
+    return Norm, Block
+
+
+def nanogpt_model(cfg):
+    """nanoGPT's GPT for GPTConfig `cfg`, as it computes: nanoGPT's layers, tied head, GPT-2 init. Returns an
+    nn.Module whose forward(idx, targets) -> (logits, loss)."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    Norm, Block = _nanogpt_layers(cfg)
 
     class Model(nn.Module):
         def __init__(self):
