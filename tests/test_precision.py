@@ -13,7 +13,8 @@ import train as train_mod
 from model import GPT, GPTConfig, TrainConfig
 from model.gpt.speed import use_cpu_kernels
 from model.flops import peaks
-from model.training.runtime import cpu_bf16_matmul_unit, describe_matmul_precision, matmul_precision, resolve_matmul_precision
+from model.training.runtime import (cpu_bf16_matmul_unit, describe_matmul_precision, matmul_precision,
+                                    resolve_matmul_precision)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import train_speed  # noqa: E402

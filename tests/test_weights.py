@@ -172,7 +172,8 @@ def test_train_py_checkpoint_errors_name_the_file(tmp_path):
     from dataclasses import asdict
     torch.save({"model": GPT(cfg).state_dict(), "model_config": {**asdict(cfg), "n_embd": 32}},
                tmp_path / "shape.pt")
-    with pytest.raises(ValueError, match=r"shape.pt: transformer.h.0.attn.c_attn.bias has shape \(48,\), the config implies \(96,\)"):
+    shape_error = r"shape.pt: transformer.h.0.attn.c_attn.bias has shape \(48,\), the config implies \(96,\)"
+    with pytest.raises(ValueError, match=shape_error):
         GPT.from_pretrained(tmp_path / "shape.pt")
 
 

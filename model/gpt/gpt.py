@@ -50,8 +50,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nh, S, hs), S = cached positions + T
         past = k.size(2) - T  # query i sits at absolute position past + i and sees keys 0..past+i
-        causal = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)  # (T, S)
-        if self.flash:
+        # (T, S): True where query i may see key j; one query (T == 1) sees every key
+        causal = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        if self.flash:  # without cached keys the mask is SDPA's own is_causal
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=causal if past else None, dropout_p=self.dropout if self.training else 0.0,
                 is_causal=bool(past == 0 and T > 1),  # a Python bool even under a JIT trace (fvcore)
