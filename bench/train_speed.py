@@ -27,7 +27,7 @@ processes (5.5-6 GB each): there the flopgpt bf16-mm row replaces "flopgpt manua
 takes the manual path anyway) and the nanoGPT-style bf16-mm row is left out.
 
 --without=T1,T2 times, instead, flopgpt as train.py runs it and flopgpt without each named technique
-(TECHNIQUES: cpu_kernels, allocator, fused_adamw, clip_in_kernel); with cpu_kernels, on CPUs with bf16 units
+(TECHNIQUES: cpu_kernels, allocator, fused_adamw); with cpu_kernels, on CPUs with bf16 units
 and for recipe (a), the same pair also runs at matmul precision "medium".
 """
 from __future__ import annotations
@@ -48,9 +48,8 @@ RECIPES = {  # name -> (model shape, batch size); vocab comes from the dataset
 }
 
 # flopgpt's speed techniques that --without=... can leave out (docs/performance.md): the CPU kernels of
-# model/gpt/speed.py, glibc's allocator setting of model/training/runtime.py, torch's fused AdamW, and the
-# gradient clipping folded into that kernel (model/training/optim.py)
-TECHNIQUES = ("cpu_kernels", "allocator", "fused_adamw", "clip_in_kernel")
+# model/gpt/speed.py, glibc's allocator setting of model/training/runtime.py, torch's fused AdamW
+TECHNIQUES = ("cpu_kernels", "allocator", "fused_adamw")
 
 
 @dataclass(frozen=True)
@@ -234,7 +233,6 @@ class FlopgptRunner:
             self.optimizer = torch.optim.AdamW(self.raw.optim_groups(0.1), lr=1e-3, betas=(0.9, 0.99))
         else:
             self.optimizer = adamw(self.raw, 1e-3, 0.1, (0.9, 0.99), device.type)
-        self.clip_in_kernel = "clip_in_kernel" not in without
         self.batches = Batches(dataset, "train", cfg.block_size, batch_size, seed=1337, device=device)
         self.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
                          if dtype == "bfloat16" else nullcontext())
@@ -254,11 +252,7 @@ class FlopgptRunner:
             _, loss = self.model(x, y)
         loss.backward()
         loss_sum += loss.detach()
-        if self.clip_in_kernel:
-            grad_norm = clip_and_step(self.optimizer, 1.0)
-        else:  # the textbook order: clip every gradient, then step
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), 1.0)
-            self.optimizer.step()
+        grad_norm = clip_and_step(self.optimizer, 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         grad_norm.item()
         self.it += 1
