@@ -171,7 +171,7 @@ class GPT(nn.Module):
             kv_cache.pos = past + T
         x = self.transformer.ln_f(x)  # (B, T, C)
         if last_only:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
+            return self.lm_head(x[:, -1:, :]), None  # (B, 1, V): generation needs only the last position
         logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:

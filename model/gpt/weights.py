@@ -21,8 +21,6 @@ CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".ml
 BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older HF GPT-2 and nanoGPT's slow path
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation our MLP uses
-
-
 OUT_DIR_CHECKPOINTS = ("best.pt", "last.pt")  # what train.py leaves in its out_dir, in order of preference
 
 
@@ -52,8 +50,8 @@ def load_checkpoint_file(cls: type[GPT], file: str | Path) -> GPT:
         raise FileNotFoundError(f"checkpoint file not found: {file}")
     ckpt = _torch_load(file)
     if isinstance(ckpt, dict) and "model" in ckpt and ("model_config" in ckpt or "model_args" in ckpt):
-        args = ckpt["model_config"] if "model_config" in ckpt else ckpt["model_args"]
-        model = cls(_config_from_args(args, file, "model_config" if "model_config" in ckpt else "model_args"))
+        key = "model_config" if "model_config" in ckpt else "model_args"  # train.py's, nanoGPT's
+        model = cls(_config_from_args(ckpt[key], file, key))
         _load_state(model, ckpt["model"], file)
         return model
     keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
