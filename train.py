@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import GPT
+from model.gpt.speed import use_cpu_kernels
 from model.cli import DEFAULT_CONFIG, duration, human, pop_debug, report_errors, resolve_device
 from model.config import GPTConfig, TrainConfig, build, help_lines, parse_overrides, read_toml, to_dict
 from model.flops import peaks
@@ -34,7 +35,7 @@ from model.training.checkpoint import (FORMAT, NonFiniteStateError, atomic_write
 from model.training.data import Batches, ensure_dataset, load_meta
 from model.training.lock import OutDirLock
 from model.training.memory import check_fits, training_bytes
-from model.training.optim import clip_and_step
+from model.training.optim import adamw, clip_and_step
 from model.training.runtime import cpu_process_settings, describe_matmul_precision, matmul_precision
 
 ROOT = Path(__file__).resolve().parent
@@ -357,12 +358,14 @@ def build_model(run: Run) -> None:
         torch.backends.cudnn.allow_tf32 = True
     run.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if run.dtype == "bfloat16"
                     else nullcontext())
-    run.raw_model = GPT(run.model_cfg).to(device)
+    precision = torch.get_float32_matmul_precision()  # set by train() for this run
+    kernels = use_cpu_kernels(device.type, run.model_cfg.dropout, precision, cfg.compile)  # model/gpt/speed.py
+    run.raw_model = GPT(run.model_cfg, cpu_kernels=kernels).to(device)
     run.eval_model = torch.compile(run.raw_model) if cfg.compile else run.raw_model
     run.model = run.eval_model
     if run.dist.enabled:
         run.model = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None)
-    run.optimizer = run.raw_model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
+    run.optimizer = adamw(run.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
 
 
 def resume(run: Run, ckpt: dict) -> None:

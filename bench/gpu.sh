@@ -2,7 +2,7 @@
 # GPU benchmarks and the CUDA-path tests, on a machine with a CUDA device:  bash bench/gpu.sh
 # 1. tests/test_gpu.py (bf16 autocast, fused AdamW, compile, pinned batches, flash SDPA, cached generation);
 # 2. bench/train_speed.py on cuda: recipes (a) and (b), nanoGPT-style baseline vs flopgpt, sdpa/manual,
-#    eager/compile, with MFU against the GPU's dense bf16 peak from model/peaks.py;
+#    eager/compile, with MFU against the GPU's dense bf16 peak from model/flops/peaks.py;
 # 3. a short train.py run of configs/shakespeare_char.toml (bf16, fused AdamW, compile) for its MFU line.
 set -euo pipefail
 cd "$(dirname "$0")/.."

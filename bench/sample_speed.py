@@ -105,15 +105,6 @@ def main(argv=None) -> int:
     print(f"prompt {T} tokens, {n} new tokens; median of {args.repeats} runs "
           f"(uncached: {args.uncached_repeats}) after a warm-up run\n")
 
-    def ours(idx, beams, cache, tokens=n):
-        if beams == 1:
-            return lambda: model.generate(idx, tokens, temperature=0, use_cache=cache)
-        return lambda: model.beam_search(idx, tokens, num_beams=beams, use_cache=cache)[0]
-
-    def theirs(idx, beams, tokens=n):
-        return lambda: hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=tokens,
-                                   do_sample=False, num_beams=beams)
-
     rows = [("greedy", prompt, 1), (f"beam search ({args.beams} beams)", prompt, args.beams),
             (f"greedy, batch {args.batch}", prompts, 1)]
     header = f"{'mode':<26}{'ours cache':>12}{'ours no cache':>15}{'transformers':>14}{'cache/no-cache':>16}" \
@@ -121,26 +112,42 @@ def main(argv=None) -> int:
     print("tokens/s (batch rows: generated tokens summed over the batch)")
     print(header)
     for name, idx, beams in rows:
-        per_run = n * idx.size(0)
-        fns = {"cache": ours(idx, beams, True)}
-        if hf is not None:
-            fns["hf"] = theirs(idx, beams)
-        with torch.inference_mode():
-            ours(idx, beams, True, 4)()  # warm-up: first-call allocations and kernel selection
-            if hf is not None:
-                theirs(idx, beams, 4)()
-            res = timed(fns, args.repeats, sync)
-            if args.uncached == "all" or (args.uncached == "greedy" and name == "greedy"):
-                ours(idx, beams, False, 4)()
-                res.update(timed({"no cache": ours(idx, beams, False)}, args.uncached_repeats, sync))
-        speed = {k: per_run / sec for k, (sec, _) in res.items()}
-        out = res["cache"][1]
-        same = [("yes" if res[k][1].shape == out.shape and torch.equal(res[k][1], out) else "NO")
-                if k in res else "-" for k in ("no cache", "hf")]
-        print(f"{name:<26}{_num(speed.get('cache'), 12)}{_num(speed.get('no cache'), 15)}"
-              f"{_num(speed.get('hf'), 14)}{_ratio(speed.get('cache'), speed.get('no cache'), 16)}"
-              f"{_ratio(speed.get('cache'), speed.get('hf'), 19)}  {', '.join(same)}")
+        _time_row(name, idx, beams, model, hf, args, sync)
     return 0
+
+
+def _time_row(name: str, idx, beams: int, model, hf, args, sync) -> None:
+    """Time one row (ours with the cache, transformers, ours without the cache where asked) and print it."""
+    import torch
+    n = args.new_tokens
+
+    def ours(beams, cache, tokens=n):
+        if beams == 1:
+            return lambda: model.generate(idx, tokens, temperature=0, use_cache=cache)
+        return lambda: model.beam_search(idx, tokens, num_beams=beams, use_cache=cache)[0]
+
+    def theirs(beams, tokens=n):
+        return lambda: hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=tokens,
+                                   do_sample=False, num_beams=beams)
+
+    fns = {"cache": ours(beams, True)}
+    if hf is not None:
+        fns["hf"] = theirs(beams)
+    with torch.inference_mode():
+        ours(beams, True, 4)()  # warm-up: first-call allocations and kernel selection
+        if hf is not None:
+            theirs(beams, 4)()
+        res = timed(fns, args.repeats, sync)
+        if args.uncached == "all" or (args.uncached == "greedy" and name == "greedy"):
+            ours(beams, False, 4)()
+            res.update(timed({"no cache": ours(beams, False)}, args.uncached_repeats, sync))
+    speed = {k: n * idx.size(0) / sec for k, (sec, _) in res.items()}
+    out = res["cache"][1]
+    same = [("yes" if res[k][1].shape == out.shape and torch.equal(res[k][1], out) else "NO")
+            if k in res else "-" for k in ("no cache", "hf")]
+    print(f"{name:<26}{_num(speed.get('cache'), 12)}{_num(speed.get('no cache'), 15)}"
+          f"{_num(speed.get('hf'), 14)}{_ratio(speed.get('cache'), speed.get('no cache'), 16)}"
+          f"{_ratio(speed.get('cache'), speed.get('hf'), 19)}  {', '.join(same)}")
 
 
 def _num(value, width):

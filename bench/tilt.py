@@ -75,12 +75,15 @@ def run_recipe(model_cfg, cfg, eval_every: int, log=print) -> dict:
 def _run(model_cfg, cfg, eval_every: int, log) -> dict:
     import torch
     from model import GPT
+    from model.gpt.speed import use_cpu_kernels
     from model.training.data import Batches, open_split
-    from model.training.optim import clip_and_step
+    from model.training.optim import adamw, clip_and_step
+    from model.training.runtime import resolve_matmul_precision
     from train import lr_at
     torch.manual_seed(cfg.seed)
-    model = GPT(model_cfg)
-    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), "cpu")
+    precision = resolve_matmul_precision(cfg.matmul_precision, "cpu")
+    model = GPT(model_cfg, cpu_kernels=use_cpu_kernels("cpu", model_cfg.dropout, precision, False))  # train.py's
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), "cpu")
     batches = Batches(cfg.dataset, "train", model_cfg.block_size, cfg.batch_size, seed=cfg.seed)
     val = open_split(cfg.dataset, "val")
     tokens_per_step = cfg.batch_size * model_cfg.block_size

@@ -1,7 +1,8 @@
 """Training speed, side by side in one run: a nanoGPT-style baseline step against flopgpt's train.py step.
 
-    python bench/train_speed.py            # recipes a and b; sdpa/manual; eager/compile (compile: a only on CPU)
-    python bench/train_speed.py --quick    # recipe a only, eager only (about a minute)
+    python bench/train_speed.py          # recipes a and b; sdpa/manual; eager/compile (compile: a only on CPU)
+    python bench/train_speed.py --quick  # recipe a only, eager only (about a minute)
+    python bench/train_speed.py --recipes=a --without=allocator,fused_adamw  # what each technique buys
 
 Recipes (nanoGPT's): (a) its CPU "baby GPT" command: char-level, 4 layers, 4 heads, 128 wide, block 64, batch
 12, dropout 0; (b) its shakespeare_char config: 6 layers, 6 heads, 384 wide, block 256, batch 64, dropout 0.2.
@@ -10,20 +11,25 @@ into q, k, v; exact-erf GELU; bias-free LayerNorm/Linear; SDPA attention), its g
 every call, one torch.stack per x and y of per-row slices), plain AdamW (nanoGPT fuses it only on CUDA) and
 its loop (loss divided by the accumulation steps, next batch fetched between forward and backward, clip, step,
 loss.item() and its MFU estimate's parameter count every step as with --log_interval=1; its log print is left
-out). Each variant runs in its own process, with the process settings of the program it stands
-for: flopgpt's workers apply train.py's (model/runtime.py, glibc's allocator keeping freed memory), the baseline's
-none. Variants are timed in alternating blocks of steps (repeats) after warm-up steps; each row reports the
-median step time, tokens/s, model FLOP/s (exact FLOPs from model.flops.formulas.train_step_flops, 2 per multiply-add) and
-MFU against the peak from model.flops.peaks.device_peak (on CPU the hardware figure, cores x clock x FMA width;
-a row faster than the peak raises it and says so), and its speed relative to the
-baseline: the median over repeats of the ratio of the two programs' median step times in that repeat's blocks
-(timed seconds apart), with the range of those ratios. The machine may be shared: compare ratios, not absolute numbers.
+out). Each variant runs in its own process, with the process settings of the program it stands for:
+flopgpt's workers apply train.py's (model/training/runtime.py, glibc's allocator keeping freed memory), the
+baseline's none. Variants are timed in alternating blocks of steps (repeats) after warm-up steps; each row
+reports the median step time, tokens/s, model FLOP/s (exact FLOPs from model.flops.formulas.train_step_flops,
+2 per multiply-add) and MFU against the peak from model.flops.peaks.device_peak (on CPU the hardware figure,
+cores x clock x FMA width; a row faster than the peak raises it and says so), and its speed relative to the
+baseline: the median over repeats of the ratio of the two programs' median step times in that repeat's
+blocks (timed seconds apart), with the range of those ratios. The machine may be shared: compare ratios, not
+absolute numbers.
 
 On CPUs with bf16 matmul units (AMX, AVX512-BF16) two more rows run both steps with float32 matmul precision
 "medium" (bf16 inputs, fp32 accumulation; train.py's --matmul_precision=medium), their MFU against the bf16
 matmul peak (the bf16 units' figure); --no-bf16-matmuls leaves them out. Recipe (b) on CPU runs at most three
 processes (5.5-6 GB each): there the flopgpt bf16-mm row replaces "flopgpt manual" (with dropout on, CPU 'sdpa'
 takes the manual path anyway) and the nanoGPT-style bf16-mm row is left out.
+
+--without=T1,T2 times, instead, flopgpt as train.py runs it and flopgpt without each named technique
+(TECHNIQUES: cpu_kernels, allocator, fused_adamw); with cpu_kernels, on CPUs with bf16 units
+and for recipe (a), the same pair also runs at matmul precision "medium".
 """
 from __future__ import annotations
 
@@ -31,24 +37,38 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 USAGE = ("usage: python bench/train_speed.py [--quick] [--recipes=a,b] [--repeats=N] [--steps=N] [--warmup=N] "
-         "[--threads=N] [--dataset=DIR] [--device=cpu|cuda] [--no-compile] [--no-bf16-matmuls]")
+         "[--threads=N] [--dataset=DIR] [--device=cpu|cuda] [--no-compile] [--no-bf16-matmuls] [--without=T1,T2]")
 RECIPES = {  # name -> (model shape, batch size); vocab comes from the dataset
     "a": (dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, bias=False, activation="gelu"), 12),
     "b": (dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, bias=False, activation="gelu"), 64),
 }
 
+# flopgpt's speed techniques that --without=... can leave out (docs/performance.md): the CPU kernels of
+# model/gpt/speed.py, glibc's allocator setting of model/training/runtime.py, torch's fused AdamW
+TECHNIQUES = ("cpu_kernels", "allocator", "fused_adamw")
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    runner: str  # "nanogpt" or "flopgpt"
+    attention: str = "sdpa"
+    compile: bool = False
+    precision: str = "highest"  # float32 matmul precision
+    without: frozenset = frozenset()  # flopgpt techniques left out
+
 
 # ----------------------------------------------------------------------------------------------------
 # The nanoGPT-style baseline: its model, batches, optimizer and loop, rewritten here.
 
-def nanogpt_model(cfg):
-    """nanoGPT's GPT for GPTConfig `cfg`, as it computes: LayerNorm with optional bias, fused c_attn, SDPA
-    (is_causal, dropout in training), exact GELU MLP, tied head, GPT-2 init. Returns an nn.Module whose
-    forward(idx, targets) -> (logits, loss)."""
+def _nanogpt_layers(cfg):
+    """nanoGPT's LayerNorm (optional bias) and Block (fused c_attn, SDPA with is_causal and dropout in
+    training, exact GELU MLP) classes for GPTConfig `cfg`."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -93,6 +113,17 @@ def nanogpt_model(cfg):
         def forward(self, x):
             x = x + self.attn(self.ln_1(x))  # (B, T, C)
             return x + self.drop(self.c_proj(self.gelu(self.c_fc(self.ln_2(x)))))  # (B, T, C)
+
+    return Norm, Block
+
+
+def nanogpt_model(cfg):
+    """nanoGPT's GPT for GPTConfig `cfg`, as it computes: nanoGPT's layers, tied head, GPT-2 init. Returns an
+    nn.Module whose forward(idx, targets) -> (logits, loss)."""
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+    Norm, Block = _nanogpt_layers(cfg)
 
     class Model(nn.Module):
         def __init__(self):
@@ -186,14 +217,23 @@ class NanoGPTRunner:
 # flopgpt's step: the body of train.py's loop for one process and grad_accum=1.
 
 class FlopgptRunner:
-    def __init__(self, cfg, batch_size: int, dataset: Path, device, dtype: str, compile: bool):
+    """`without` names techniques of TECHNIQUES to leave out, to measure what each buys."""
+
+    def __init__(self, cfg, batch_size: int, dataset: Path, device, dtype: str, compile: bool,
+                 precision: str = "highest", without: frozenset = frozenset()):
         import torch
         from model import GPT, TrainConfig
+        from model.gpt.speed import use_cpu_kernels
         from model.training.data import Batches
-        self.raw = GPT(cfg).to(device)
+        from model.training.optim import adamw
+        kernels = use_cpu_kernels(device.type, cfg.dropout, precision, compile) and "cpu_kernels" not in without
+        self.raw = GPT(cfg, cpu_kernels=kernels).to(device)  # as train.py builds it
         self.model = torch.compile(self.raw) if compile else self.raw
         self.tcfg = TrainConfig(dataset=str(dataset), batch_size=batch_size, max_iters=10**6)
-        self.optimizer = self.raw.configure_optimizer(1e-3, 0.1, (0.9, 0.99), device.type)
+        if "fused_adamw" in without:  # torch's default AdamW implementation (foreach)
+            self.optimizer = torch.optim.AdamW(self.raw.optim_groups(0.1), lr=1e-3, betas=(0.9, 0.99))
+        else:
+            self.optimizer = adamw(self.raw, 1e-3, 0.1, (0.9, 0.99), device.type)
         self.batches = Batches(dataset, "train", cfg.block_size, batch_size, seed=1337, device=device)
         self.autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16)
                          if dtype == "bfloat16" else nullcontext())
@@ -237,7 +277,7 @@ def median(xs: list[float]) -> float:
 
 def parse_args(argv: list[str]) -> dict:
     opts = {"quick": False, "recipes": None, "repeats": None, "steps": None, "warmup": None, "threads": 0,
-            "dataset": None, "device": "auto", "compile": True, "bf16_matmuls": True}
+            "dataset": None, "device": "auto", "compile": True, "bf16_matmuls": True, "without": []}
     for arg in argv:
         key, eq, value = arg.partition("=")
         name = key.lstrip("-").replace("-", "_")
@@ -264,6 +304,12 @@ def parse_args(argv: list[str]) -> dict:
                 raise ValueError(f"--recipes: unknown recipe {bad[0] if bad else value!r}; expected a, b or a,b")
         elif name in ("dataset", "device") and eq:
             opts[name] = value
+        elif name == "without" and eq:
+            opts["without"] = [t for t in value.split(",") if t]
+            bad = [t for t in opts["without"] if t not in TECHNIQUES]
+            if bad or not opts["without"]:
+                raise ValueError(f"--without: unknown technique {bad[0] if bad else value!r}; expected some of "
+                                 f"{', '.join(TECHNIQUES)}")
         else:
             raise ValueError(f"unknown or malformed option {arg!r}; {USAGE}")
     return opts
@@ -275,34 +321,40 @@ def bf16_cpu_matmuls_available() -> bool:
     return cpu_bf16_matmul_unit() in ("AMX", "AVX512-BF16")
 
 
-def variants_for(recipe: str, opts: dict, device) -> list[tuple[str, str, str, bool, str]]:
-    """(label, runner, attention, compile, float32 matmul precision) in timing order; the first is the
-    baseline."""
-    rows = [("nanoGPT-style", "nanogpt", "sdpa", False, "highest"),
-            ("flopgpt sdpa", "flopgpt", "sdpa", False, "highest"),
-            ("flopgpt manual", "flopgpt", "manual", False, "highest")]
+def variants_for(recipe: str, opts: dict, device) -> list[Variant]:
+    """The rows to time, in timing order; the first is the baseline."""
+    base = Variant("nanoGPT-style", "nanogpt")
     big = recipe == "b" and device.type == "cpu"  # each process holds 5.5-6 GB: at most 3 fit in 24 GB
+    bf16 = device.type == "cpu" and opts["bf16_matmuls"] and bf16_cpu_matmuls_available()
+    if opts["without"]:  # what each technique buys: flopgpt with it, and without it
+        rows = [base, Variant("flopgpt", "flopgpt")]
+        rows += [Variant(f"flopgpt without {t}", "flopgpt", without=frozenset([t])) for t in opts["without"]]
+        if "cpu_kernels" in opts["without"] and bf16 and not big:  # where bf16 matmul inputs need them
+            rows += [Variant("flopgpt bf16-mm", "flopgpt", precision="medium"),
+                     Variant("flopgpt bf16-mm without cpu_kernels", "flopgpt", precision="medium",
+                             without=frozenset(["cpu_kernels"]))]
+        return rows
+    rows = [base, Variant("flopgpt sdpa", "flopgpt"), Variant("flopgpt manual", "flopgpt", attention="manual")]
     # bf16 matmul inputs (fp32 accumulation) on CPUs with bf16 units: flopgpt's matmul_precision="medium",
-    # and the same setting given to the nanoGPT-style step, whose SDPA then slows down (see gpt.py)
-    if device.type == "cpu" and opts["bf16_matmuls"] and bf16_cpu_matmuls_available():
-        if big:  # with dropout, CPU 'sdpa' takes the manual path anyway: its row gives way to the bf16 one
-            rows = rows[:2] + [("flopgpt bf16-mm", "flopgpt", "sdpa", False, "medium")]
+    # and the same setting given to the nanoGPT-style step, whose SDPA then slows down (see model/gpt/speed.py)
+    if bf16:
+        if big:  # with dropout, flopgpt's CPU kernels take the manual path anyway: its row gives way
+            rows = rows[:2] + [Variant("flopgpt bf16-mm", "flopgpt", precision="medium")]
         else:
-            rows += [("nanoGPT-style bf16-mm", "nanogpt", "sdpa", False, "medium"),
-                     ("flopgpt bf16-mm", "flopgpt", "sdpa", False, "medium")]
-    # not for recipe (b) on CPU (memory, as above); compiling bought 0-4% on recipe (a)
-    if opts["compile"] and not opts["quick"] and not big:
-        rows += [("nanoGPT-style compile", "nanogpt", "sdpa", True, "highest"),
-                 ("flopgpt sdpa compile", "flopgpt", "sdpa", True, "highest")]
+            rows += [Variant("nanoGPT-style bf16-mm", "nanogpt", precision="medium"),
+                     Variant("flopgpt bf16-mm", "flopgpt", precision="medium")]
+    if opts["compile"] and not opts["quick"] and not big:  # not recipe (b) on CPU: memory, as above
+        rows += [Variant("nanoGPT-style compile", "nanogpt", compile=True),
+                 Variant("flopgpt sdpa compile", "flopgpt", compile=True)]
     return rows
 
 
-def _worker(conn, runner: str, cfg_fields: dict, batch_size: int, dataset: str, device: str, dtype: str,
-            compile_: bool, warmup: int, threads: int, precision: str = "highest") -> None:
+def _worker(conn, v: Variant, cfg_fields: dict, batch_size: int, dataset: str, device: str, dtype: str,
+            warmup: int, threads: int) -> None:
     """One variant in its own process: build, warm up, then time `n` steps per request until told to stop.
 
     A process per variant lets each keep its own process settings, as the real programs would: flopgpt's
-    runs train.py's (model.runtime.cpu_process_settings); the nanoGPT-style baseline runs none.
+    runs train.py's (model.training.runtime.cpu_process_settings); the nanoGPT-style baseline runs none.
     """
     try:
         import torch
@@ -310,16 +362,19 @@ def _worker(conn, runner: str, cfg_fields: dict, batch_size: int, dataset: str, 
         if threads:
             torch.set_num_threads(threads)
         dev = torch.device(device)
-        if runner == "flopgpt" and dev.type == "cpu":
+        if v.runner == "flopgpt" and dev.type == "cpu" and "allocator" not in v.without:
             from model.training.runtime import cpu_process_settings
             cpu_process_settings()
+        precision = "high" if dev.type == "cuda" else v.precision  # TF32, as both programs set it on CUDA
         if dev.type == "cuda":
             torch.backends.cudnn.allow_tf32 = True
-            precision = "high"  # TF32, as both programs set it on CUDA
         torch.set_float32_matmul_precision(precision)
         t0 = time.perf_counter()
-        cls = NanoGPTRunner if runner == "nanogpt" else FlopgptRunner
-        run = cls(GPTConfig(**cfg_fields), batch_size, Path(dataset), dev, dtype, compile_)
+        cfg, data = GPTConfig(**cfg_fields), Path(dataset)
+        if v.runner == "nanogpt":
+            run = NanoGPTRunner(cfg, batch_size, data, dev, dtype, v.compile)
+        else:
+            run = FlopgptRunner(cfg, batch_size, data, dev, dtype, v.compile, precision, v.without)
         for _ in range(warmup):  # allocation, autotuning, compilation
             run.step()
         sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -353,14 +408,14 @@ def bench_recipe(recipe: str, opts: dict, dataset: Path, vocab: int, device, dty
     ctx = mp.get_context("spawn")
     rows = []
     try:
-        for label, runner, attention, compile_, precision in variants_for(recipe, opts, device):
-            cfg = GPTConfig(vocab_size=vocab, attention=attention, **shape)
+        for v in variants_for(recipe, opts, device):
+            cfg = GPTConfig(vocab_size=vocab, attention=v.attention, **shape)
             here, there = ctx.Pipe()
             proc = ctx.Process(target=_worker, daemon=True,
-                               args=(there, runner, asdict(cfg), batch_size, str(dataset), str(device), dtype,
-                                     compile_, warmup, opts["threads"], precision))
+                               args=(there, v, asdict(cfg), batch_size, str(dataset), str(device), dtype, warmup,
+                                     opts["threads"]))
             proc.start()
-            row = {"label": label, "cfg": cfg, "conn": here, "proc": proc, "blocks": [], "precision": precision}
+            row = {"label": v.label, "cfg": cfg, "conn": here, "proc": proc, "blocks": [], "precision": v.precision}
             rows.append(row)
             row["setup_s"] = _receive(row, "ready")  # one setup at a time: they would compete for the cores
         for _ in range(repeats):

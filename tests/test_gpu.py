@@ -10,6 +10,7 @@ import torch
 import train as train_mod
 from model import GPT, GPTConfig, TrainConfig
 from model.training.data import Batches
+from model.training.optim import adamw
 
 pytestmark = pytest.mark.gpu
 
@@ -48,7 +49,7 @@ def test_train_bf16_fused_adamw_on_cuda(dataset, tmp_path, compile, monkeypatch)
 
 def test_optimizer_is_fused_on_cuda():
     model = GPT(small()).cuda()
-    opt = model.configure_optimizer(1e-3, 0.1, (0.9, 0.99), "cuda")
+    opt = adamw(model, 1e-3, 0.1, (0.9, 0.99), "cuda")
     assert opt.defaults["fused"] is True
     x = torch.randint(0, 67, (4, 32), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -66,7 +67,7 @@ def test_fused_adamw_matches_foreach_on_cuda():
     a = GPT(small()).cuda()
     b = GPT(small()).cuda()
     b.load_state_dict(a.state_dict())
-    opt_a = a.configure_optimizer(1e-2, 0.1, (0.9, 0.99), "cuda")  # fused
+    opt_a = adamw(a, 1e-2, 0.1, (0.9, 0.99), "cuda")  # fused
     groups = [{"params": [p for p in b.parameters() if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in b.parameters() if p.dim() < 2], "weight_decay": 0.0}]
     opt_b = torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.99), foreach=True)  # the reference
@@ -87,8 +88,8 @@ def test_clip_and_step_matches_clip_grad_norm_on_cuda():
     torch.manual_seed(0)
     a, b = GPT(small()).cuda(), GPT(small()).cuda()
     b.load_state_dict(a.state_dict())
-    opt_a = a.configure_optimizer(1e-2, 0.1, (0.9, 0.99), "cuda")
-    opt_b = b.configure_optimizer(1e-2, 0.1, (0.9, 0.99), "cuda")
+    opt_a = adamw(a, 1e-2, 0.1, (0.9, 0.99), "cuda")
+    opt_b = adamw(b, 1e-2, 0.1, (0.9, 0.99), "cuda")
     x = torch.randint(0, 67, (4, 32), device="cuda")
     for _ in range(3):
         (a(x, x)[1] * 100).backward()

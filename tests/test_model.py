@@ -5,14 +5,16 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from model.gpt.gpt import Dropout, sinusoidal_table
+from model.gpt.gpt import sinusoidal_table
+from model.gpt.speed import Dropout, use_cpu_kernels
+from model.training.optim import adamw
 
 TINY = dict(vocab_size=67, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
 
-def make(**kw):
+def make(cpu_kernels=False, **kw):
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{**TINY, **kw}))
+    return GPT(GPTConfig(**{**TINY, **kw}), cpu_kernels=cpu_kernels)
 
 
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal"])
@@ -106,11 +108,11 @@ def test_cpu_dropout_is_seeded_by_torch_and_backprops_through_the_mask():
     assert d.eval()(x) is x and Dropout(0.0).train()(x) is x
 
 
-def test_sdpa_and_manual_train_identically_with_dropout_on_cpu():
-    """In training with dropout, CPU 'sdpa' takes the explicit path (SDPA has no fused CPU kernel for
-    dropout): under one seed both attention settings give the same loss and gradients."""
-    a = make(attention="manual", dropout=0.2).train()
-    b = make(attention="sdpa", dropout=0.2).train()
+def test_sdpa_and_manual_train_identically_with_cpu_kernels():
+    """With cpu_kernels=True, 'sdpa' takes the manual path (SDPA has no fused CPU kernel for dropout): under
+    one seed both attention settings give the same loss and gradients."""
+    a = make(attention="manual", dropout=0.2, cpu_kernels=True).train()
+    b = make(attention="sdpa", dropout=0.2, cpu_kernels=True).train()
     idx = torch.randint(0, 67, (2, 16))
     torch.manual_seed(3)
     la = a(idx, idx)[1]
@@ -125,11 +127,38 @@ def test_sdpa_and_manual_train_identically_with_dropout_on_cpu():
 
 def test_training_with_dropout_compiles_without_graph_breaks():
     """Under torch.compile the numpy mask would split the graph at every dropout; F.dropout is used there."""
-    m = make(dropout=0.2).train()
+    m = make(dropout=0.2, cpu_kernels=True).train()
     idx = torch.randint(0, 67, (2, 16))
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(m)(idx, idx)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "manual"])
+def test_cpu_kernels_compute_the_same_function(attn):
+    """cpu_kernels=True changes kernels, not the model: same weights, same logits, loss and gradients (no
+    dropout), and the same dropout modules' distribution (tests above); an invalid setting is refused."""
+    ref, fast = make(attention=attn), make(attention=attn, cpu_kernels=True)
+    assert fast.transformer.h[0].attn.flash is False and isinstance(fast.transformer.drop, Dropout)
+    assert ref.transformer.h[0].attn.flash is (attn == "sdpa") and isinstance(ref.transformer.drop, torch.nn.Dropout)
+    idx = torch.randint(0, 67, (3, 16))
+    (la, lb) = (m(idx, idx)[1] for m in (ref, fast))
+    torch.testing.assert_close(lb, la, atol=1e-6, rtol=1e-6)
+    la.backward()
+    lb.backward()
+    for (name, pa), pb in zip(ref.named_parameters(), fast.parameters()):
+        torch.testing.assert_close(pb.grad, pa.grad, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="cpu_kernels must be True or False, got 'cpu'"):
+        GPT(GPTConfig(**TINY), cpu_kernels="cpu")
+
+
+def test_use_cpu_kernels_by_hand():
+    # eager CPU runs with dropout or bf16 matmul inputs; never compiled, never off the CPU
+    assert use_cpu_kernels("cpu", 0.2, "highest", False) is True
+    assert use_cpu_kernels("cpu", 0.0, "medium", False) is True
+    assert use_cpu_kernels("cpu", 0.0, "highest", False) is False
+    assert use_cpu_kernels("cpu", 0.2, "medium", True) is False
+    assert use_cpu_kernels("cuda", 0.2, "medium", False) is False
 
 
 def test_sinusoidal_matches_formula():
@@ -200,7 +229,7 @@ def test_overfits_one_batch():
     m = make()
     idx = torch.randint(0, 67, (4, 16))
     x, y = idx[:, :-1], idx[:, 1:]
-    opt = m.configure_optimizer(lr=3e-3, weight_decay=0.0, betas=(0.9, 0.99))
+    opt = adamw(m, lr=3e-3, weight_decay=0.0, betas=(0.9, 0.99))
     for _ in range(150):
         _, loss = m(x, y)
         opt.zero_grad()
@@ -211,7 +240,8 @@ def test_overfits_one_batch():
 
 def test_weight_decay_only_on_2d():
     m = make()
-    opt = m.configure_optimizer(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99))
+    opt = adamw(m, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.99))
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True
     decay, no_decay = opt.param_groups
     assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import train as train_mod
 from model import GPT, GPTConfig, TrainConfig
+from model.training.optim import adamw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import profile_step  # noqa: E402
@@ -40,7 +41,7 @@ def test_cpu_adamw_is_fused_and_matches_the_for_loop_reference():
     # no biases: the key bias's gradient is pure rounding noise (softmax ignores it), which Adam amplifies
     a, b = GPT(small(bias=False)), GPT(small(bias=False))
     b.load_state_dict(a.state_dict())
-    opt_a = a.configure_optimizer(1e-2, 0.1, (0.9, 0.99), "cpu")
+    opt_a = adamw(a, 1e-2, 0.1, (0.9, 0.99), "cpu")
     assert opt_a.defaults["fused"] is True
     groups = [{"params": [p for p in b.parameters() if p.dim() >= 2], "weight_decay": 0.1},
               {"params": [p for p in b.parameters() if p.dim() < 2], "weight_decay": 0.0}]
@@ -131,12 +132,13 @@ def test_exact_gelu_flops_match_the_fvcore_measurement():
 PAGE_FAULTS = """
 import resource, sys, torch
 from model.training.runtime import cpu_process_settings
+from model.training.optim import adamw
 applied = cpu_process_settings() if sys.argv[1] == "on" else False
 from model import GPT, GPTConfig
 torch.manual_seed(0)
 # manual attention on (8, 4, 512, 512) weights: 32 MB tensors, glibc's largest mmap threshold
 model = GPT(GPTConfig(vocab_size=32, block_size=512, n_layer=1, n_head=4, n_embd=32, attention="manual"))
-opt = model.configure_optimizer(1e-3, 0.0, (0.9, 0.99), "cpu")
+opt = adamw(model, 1e-3, 0.0, (0.9, 0.99), "cpu")
 x = torch.randint(0, 32, (8, 512))
 faults = []
 for _ in range(8):  # training steps

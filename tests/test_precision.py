@@ -1,6 +1,5 @@
-"""Float32 matmul precision (TrainConfig.matmul_precision) and the CPU attention path it selects: the
-hand-written CausalAttention against the manual path and a float64 gradcheck, the setting applied for a run
-and put back, the peak calibrated per precision, and the benchmark rows."""
+"""Float32 matmul precision (TrainConfig.matmul_precision): the CPU kernels a run at "medium" builds the model
+with, the setting applied for a run and put back, the peak calibrated per precision, and the benchmark rows."""
 import json
 import math
 import sys
@@ -12,9 +11,10 @@ import torch.nn.functional as F
 
 import train as train_mod
 from model import GPT, GPTConfig, TrainConfig
-from model.gpt import gpt as gpt_mod
+from model.gpt.speed import use_cpu_kernels
 from model.flops import peaks
-from model.training.runtime import cpu_bf16_matmul_unit, describe_matmul_precision, matmul_precision, resolve_matmul_precision
+from model.training.runtime import (cpu_bf16_matmul_unit, describe_matmul_precision, matmul_precision,
+                                    resolve_matmul_precision)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import train_speed  # noqa: E402
@@ -28,82 +28,30 @@ def small(**kw):
     return GPTConfig(**{**dict(vocab_size=31, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False), **kw})
 
 
-def manual_attention(qkv, n_head):
-    """The textbook form, written out here: softmax(q kᵀ / sqrt(hs) + causal mask) v, heads side by side."""
-    B, T, C3 = qkv.shape
-    C = C3 // 3
-    hs = C // n_head
-    q, k, v = (z.view(B, T, n_head, hs).transpose(1, 2) for z in qkv.split(C, dim=2))
-    att = q @ k.transpose(-2, -1) / math.sqrt(hs)
-    att = att.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    return (F.softmax(att, dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
-
-
-def test_causal_attention_gradcheck_in_float64():
-    qkv = torch.randn(2, 5, 3 * 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: gpt_mod.CausalAttention.apply(t, 2), (qkv,))
-
-
-@pytest.mark.parametrize("B, T, nh, hs", [(3, 16, 4, 8), (1, 1, 2, 4), (2, 7, 1, 5)])
-def test_causal_attention_matches_the_manual_form(B, T, nh, hs):
-    torch.manual_seed(0)
-    qkv = torch.randn(B, T, 3 * nh * hs, requires_grad=True)
-    dy = torch.randn(B, T, nh * hs)
-    y = gpt_mod.CausalAttention.apply(qkv, nh)
-    (grad,) = torch.autograd.grad(y, qkv, dy)
-    y_ref = manual_attention(qkv, nh)
-    (grad_ref,) = torch.autograd.grad(y_ref, qkv, dy)
-    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-5)
-
-
-def test_medium_precision_on_cpu_takes_causal_attention_not_sdpa(monkeypatch):
-    """Under "medium", CPU 'sdpa' runs CausalAttention (SDPA's CPU kernel is 10x slower there) without dropout
-    or a cache; with a KV cache it takes the manual path; at "highest" it stays SDPA."""
-    calls = {"causal": 0, "sdpa": 0}
-    real_apply, real_sdpa = gpt_mod.CausalAttention.apply, F.scaled_dot_product_attention
-
-    def count(name, fn):
-        def wrapped(*a, **k):
-            calls[name] += 1
-            return fn(*a, **k)
-        return wrapped
-
-    monkeypatch.setattr(gpt_mod.CausalAttention, "apply", count("causal", real_apply))
-    monkeypatch.setattr(gpt_mod.F, "scaled_dot_product_attention", count("sdpa", real_sdpa))
-    torch.manual_seed(0)
+def test_medium_precision_gradients_match_fp32_sdpa_closely():
+    """The model a CPU run at "medium" trains (cpu_kernels: manual attention, bf16 matmul inputs) against fp32
+    SDPA with the same weights."""
+    torch.manual_seed(1)
     m = GPT(small())
-    idx = torch.randint(0, 31, (2, 16))
+    fast = GPT(small(), cpu_kernels=use_cpu_kernels("cpu", 0.0, "medium", False))
+    fast.load_state_dict(m.state_dict())
+    idx = torch.randint(0, 31, (3, 16))
     ref_logits, ref_loss = m(idx, idx)
-    assert calls == {"causal": 0, "sdpa": 2}
+    ref_loss.backward()
+    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
     with precision("medium"):
-        logits, loss = m(idx, idx)
-        assert calls == {"causal": 2, "sdpa": 2}
-        cache = m.new_cache(2)
-        m(idx[:, :5], kv_cache=cache)
-        m(idx[:, 5:6], kv_cache=cache)
-        assert calls == {"causal": 2, "sdpa": 2}  # cached steps: the manual path
+        logits, loss = fast(idx, idx)
+        loss.backward()
     # bf16 matmul inputs where the CPU has them: close to fp32, not equal (equal where "medium" is a no-op)
     torch.testing.assert_close(loss, ref_loss, atol=2e-2, rtol=0)
     torch.testing.assert_close(logits, ref_logits, atol=5e-2, rtol=0)
-
-
-def test_medium_precision_gradients_match_fp32_sdpa_closely():
-    torch.manual_seed(1)
-    m = GPT(small())
-    idx = torch.randint(0, 31, (3, 16))
-    m(idx, idx)[1].backward()
-    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad(set_to_none=True)
-    with precision("medium"):
-        m(idx, idx)[1].backward()
-    for n, p in m.named_parameters():
+    for n, p in fast.named_parameters():
         scale = ref[n].abs().max().item()
         assert (p.grad - ref[n]).abs().max().item() <= 0.05 * scale + 1e-6, n
 
 
 def test_medium_precision_compiles_without_graph_breaks():
-    """The precision is read through torch.compiler.assume_constant_result: a str would break the graph."""
+    """The forward reads no global setting: compiled under "medium", one graph."""
     m = GPT(small()).train()
     idx = torch.randint(0, 31, (2, 16))
     with precision("medium"):
@@ -157,11 +105,12 @@ def tiny_run(dataset, out_dir, **kw):
 
 
 def test_train_runs_at_the_precision_and_puts_the_setting_back(dataset, tmp_path, capsys, monkeypatch):
-    seen = []
+    seen, kernels = [], []
     real_forward = GPT.forward
 
     def spy(self, *a, **k):
         seen.append(torch.get_float32_matmul_precision())
+        kernels.append(self.cpu_kernels)
         return real_forward(self, *a, **k)
 
     monkeypatch.setattr(GPT, "forward", spy)
@@ -169,6 +118,7 @@ def test_train_runs_at_the_precision_and_puts_the_setting_back(dataset, tmp_path
         summary = train_mod.train(*tiny_run(dataset, tmp_path / "a", matmul_precision="medium"))
         assert torch.get_float32_matmul_precision() == "high"
         assert seen and set(seen) == {"medium"}  # training steps and evaluations alike
+        assert set(kernels) == {True}  # bf16 matmul inputs: the CPU kernels' manual attention, not SDPA
         assert math.isfinite(summary["val_loss"])
         assert describe_matmul_precision("medium", "cpu") in capsys.readouterr().err
         # an error raised inside the run puts it back too
@@ -199,18 +149,34 @@ def test_bench_has_bf16_matmul_rows_only_where_they_run_on_bf16_hardware(monkeyp
     cpu = torch.device("cpu")
     monkeypatch.setattr(train_speed, "bf16_cpu_matmuls_available", lambda: True)
     rows = train_speed.variants_for("a", opts, cpu)
-    assert [(r[0], r[4]) for r in rows if r[4] == "medium"] == [("nanoGPT-style bf16-mm", "medium"),
-                                                               ("flopgpt bf16-mm", "medium")]
-    assert rows[0][:5] == ("nanoGPT-style", "nanogpt", "sdpa", False, "highest")  # the baseline stays fp32
+    assert [(r.label, r.precision) for r in rows if r.precision == "medium"] == [
+        ("nanoGPT-style bf16-mm", "medium"), ("flopgpt bf16-mm", "medium")]
+    assert rows[0] == train_speed.Variant("nanoGPT-style", "nanogpt", "sdpa", False, "highest")  # fp32 baseline
     assert not [r for r in train_speed.variants_for("a", train_speed.parse_args(["--no-bf16-matmuls"]), cpu)
-                if r[4] == "medium"]
+                if r.precision == "medium"]
     monkeypatch.setattr(train_speed, "bf16_cpu_matmuls_available", lambda: False)
-    assert not [r for r in train_speed.variants_for("a", opts, cpu) if r[4] == "medium"]
+    assert not [r for r in train_speed.variants_for("a", opts, cpu) if r.precision == "medium"]
 
 
 def test_bench_recipe_b_on_cpu_runs_at_most_three_processes(monkeypatch):
     monkeypatch.setattr(train_speed, "bf16_cpu_matmuls_available", lambda: True)
     rows = train_speed.variants_for("b", train_speed.parse_args([]), torch.device("cpu"))
-    assert [r[0] for r in rows] == ["nanoGPT-style", "flopgpt sdpa", "flopgpt bf16-mm"]
+    assert [r.label for r in rows] == ["nanoGPT-style", "flopgpt sdpa", "flopgpt bf16-mm"]
     rows = train_speed.variants_for("b", train_speed.parse_args(["--no-bf16-matmuls"]), torch.device("cpu"))
-    assert [r[0] for r in rows] == ["nanoGPT-style", "flopgpt sdpa", "flopgpt manual"]
+    assert [r.label for r in rows] == ["nanoGPT-style", "flopgpt sdpa", "flopgpt manual"]
+    rows = train_speed.variants_for("b", train_speed.parse_args(["--without=cpu_kernels"]), torch.device("cpu"))
+    assert [r.label for r in rows] == ["nanoGPT-style", "flopgpt", "flopgpt without cpu_kernels"]
+    assert rows[2].without == {"cpu_kernels"} and not rows[1].without
+
+
+def test_bench_without_rows_leave_out_one_technique_each(monkeypatch):
+    monkeypatch.setattr(train_speed, "bf16_cpu_matmuls_available", lambda: True)
+    opts = train_speed.parse_args(["--without=allocator,cpu_kernels"])
+    rows = train_speed.variants_for("a", opts, torch.device("cpu"))
+    assert [(r.label, r.precision, set(r.without)) for r in rows] == [
+        ("nanoGPT-style", "highest", set()), ("flopgpt", "highest", set()),
+        ("flopgpt without allocator", "highest", {"allocator"}),
+        ("flopgpt without cpu_kernels", "highest", {"cpu_kernels"}),
+        ("flopgpt bf16-mm", "medium", set()), ("flopgpt bf16-mm without cpu_kernels", "medium", {"cpu_kernels"})]
+    with pytest.raises(ValueError, match="unknown technique 'turbo'"):
+        train_speed.parse_args(["--without=turbo"])

@@ -1,4 +1,5 @@
-"""GPT.from_pretrained: Hugging Face GPT-2 folders (safetensors, .bin) and nanoGPT ckpt.pt files."""
+"""GPT.from_pretrained: Hugging Face GPT-2 folders (safetensors, .bin), nanoGPT ckpt.pt files, and train.py's
+checkpoints (a .pt file or an out_dir)."""
 import json
 
 import pytest
@@ -117,17 +118,77 @@ def test_nanogpt_file_as_nanogpt_writes_it(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# train.py's checkpoints
+
+def _logits(model, vocab, seed=0):
+    with torch.no_grad():
+        return model.eval()(ids(seed, vocab=vocab, shape=(2, 8)))[0]
+
+
+def test_train_py_checkpoint_file_loads_as_load_model_reads_it(dataset, tmp_path):
+    import train as train_mod
+    from model import TrainConfig
+    from model.training.checkpoint import load_model
+    vocab = json.loads((dataset / "meta.json").read_text())["vocab_size"]
+    model_cfg = GPTConfig(vocab_size=vocab, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    out = tmp_path / "run"
+    train_mod.train(model_cfg, TrainConfig(dataset=str(dataset), out_dir=str(out), batch_size=2, max_iters=2,
+                                           eval_interval=2, eval_iters=1, warmup_iters=1, device="cpu",
+                                           peak_flops=1e12, progress=False))
+    reference, _ = load_model(out / "last.pt")
+    for source in (out / "last.pt", str(out / "last.pt")):
+        model = GPT.from_pretrained(source)
+        assert model.config == model_cfg and not model.training
+        assert torch.equal(_logits(model, vocab), _logits(reference, vocab))
+
+
+def test_train_py_out_dir_prefers_best_then_last(tmp_path):
+    from dataclasses import asdict
+    from model.training.checkpoint import FORMAT, save_checkpoint
+    cfg = GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    models = {}
+    for seed, name in ((1, "best.pt"), (2, "last.pt")):
+        torch.manual_seed(seed)
+        models[name] = GPT(cfg)
+        save_checkpoint({"format": FORMAT, "step": seed, "model": models[name].state_dict(),
+                         "model_config": asdict(cfg)}, tmp_path / name)
+    assert not torch.equal(_logits(models["best.pt"], 20), _logits(models["last.pt"], 20))
+    assert torch.equal(_logits(GPT.from_pretrained(tmp_path), 20), _logits(models["best.pt"], 20))
+    (tmp_path / "best.pt").unlink()
+    assert torch.equal(_logits(GPT.from_pretrained(tmp_path), 20), _logits(models["last.pt"], 20))
+    (tmp_path / "last.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path}: .*no best.pt or last.pt"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_train_py_checkpoint_errors_name_the_file(tmp_path):
+    torch.save({"format": "flopgpt-1", "model": {}, "model_config": {"n_layer": 0}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad.pt: n_layer must be a positive integer, got 0"):
+        GPT.from_pretrained(tmp_path / "bad.pt")
+    torch.save({"model": {}, "model_config": [1, 2]}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match=r"odd.pt: model_config is not a dict \(list\)"):
+        GPT.from_pretrained(tmp_path / "odd.pt")
+    cfg = GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    from dataclasses import asdict
+    torch.save({"model": GPT(cfg).state_dict(), "model_config": {**asdict(cfg), "n_embd": 32}},
+               tmp_path / "shape.pt")
+    shape_error = r"shape.pt: transformer.h.0.attn.c_attn.bias has shape \(48,\), the config implies \(96,\)"
+    with pytest.raises(ValueError, match=shape_error):
+        GPT.from_pretrained(tmp_path / "shape.pt")
+
+
+# ----------------------------------------------------------------------------------------------------
 # errors name the file and the value
 
 def test_missing_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        load_pretrained(tmp_path / "nowhere")
+        load_pretrained(GPT, tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        load_pretrained(tmp_path)
+        load_pretrained(GPT, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(hf_config(GPTConfig(vocab_size=10, block_size=8, n_layer=1,
                                                                          n_head=1, n_embd=8))))
     with pytest.raises(FileNotFoundError, match="model.safetensors or pytorch_model.bin"):
-        load_pretrained(tmp_path)
+        load_pretrained(GPT, tmp_path)
 
 
 @pytest.mark.parametrize("key,value,match", [

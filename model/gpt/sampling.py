@@ -12,6 +12,7 @@ full block_size-token forward, the same as an uncached one.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -264,6 +265,19 @@ def _check_beam_args(num_beams, length_penalty, early_stopping, no_repeat_ngram_
         raise ValueError(f"num_return_sequences={num_return_sequences} exceeds num_beams={num_beams}")
 
 
+@dataclass(frozen=True)
+class BeamSettings:
+    """beam_search's options, validated (see beam_search for what each means)."""
+
+    num_beams: int
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    eos_token_id: int | None = None
+    no_repeat_ngram_size: int = 0
+    num_return_sequences: int = 1
+    use_cache: bool = True
+
+
 def beam_search(model, idx: torch.Tensor, max_new_tokens: int, *, num_beams: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, eos_token_id: int | None = None,
                 no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
@@ -286,19 +300,21 @@ def beam_search(model, idx: torch.Tensor, max_new_tokens: int, *, num_beams: int
     _check_count("max_new_tokens", max_new_tokens, 1)
     _check_beam_args(num_beams, length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences)
     _check_eos(model, eos_token_id)
+    opts = BeamSettings(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                        eos_token_id=eos_token_id, no_repeat_ngram_size=no_repeat_ngram_size,
+                        num_return_sequences=num_return_sequences, use_cache=use_cache)
     with _EvalMode(model), torch.inference_mode():
         if num_beams == 1:
-            return _greedy_scored(model, idx, max_new_tokens, length_penalty, eos_token_id,
-                                  no_repeat_ngram_size, use_cache)
-        return _beam_search(model, idx, max_new_tokens, num_beams, length_penalty, early_stopping,
-                            eos_token_id, no_repeat_ngram_size, num_return_sequences, use_cache)
+            return _greedy_scored(model, idx, max_new_tokens, opts)
+        return _beam_search(model, idx, max_new_tokens, opts)
 
 
-def _greedy_scored(model, idx, max_new_tokens, length_penalty, eos_token_id, no_repeat_ngram_size, use_cache):
+def _greedy_scored(model, idx: torch.Tensor, max_new_tokens: int, opts: BeamSettings):
     B, T = idx.shape
+    eos = opts.eos_token_id
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T+n)
     out[:, :T] = idx
-    window = _Window(model, B, T + max_new_tokens, use_cache)
+    window = _Window(model, B, T + max_new_tokens, opts.use_cache)
     total = torch.zeros(B, device=idx.device)  # (B,) summed log-probabilities of the chosen tokens
     gen_len = torch.zeros(B, dtype=torch.long, device=idx.device)  # (B,) tokens generated up to eos
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -306,99 +322,129 @@ def _greedy_scored(model, idx, max_new_tokens, length_penalty, eos_token_id, no_
     for _ in range(max_new_tokens):
         log_probs = F.log_softmax(window.logits(out, length), dim=-1)  # (B, V)
         check_logits(log_probs)
-        log_probs = ban_repeated_ngrams(out[:, :length], log_probs, no_repeat_ngram_size)
+        log_probs = ban_repeated_ngrams(out[:, :length], log_probs, opts.no_repeat_ngram_size)
         tok = greedy(log_probs)  # (B,)
         live = ~finished
         total += torch.where(live, log_probs.gather(1, tok[:, None]).squeeze(1), 0.0)
         gen_len += live.long()
-        if eos_token_id is not None:
-            tok = tok.masked_fill(finished, eos_token_id)
-            finished |= tok == eos_token_id
+        if eos is not None:
+            tok = tok.masked_fill(finished, eos)
+            finished |= tok == eos
         out[:, length] = tok
         length += 1
-        if eos_token_id is not None and bool(finished.all()):
+        if eos is not None and bool(finished.all()):
             break
-    return out[:, :length], total / gen_len.double().pow(length_penalty).float()
+    return out[:, :length], total / gen_len.double().pow(opts.length_penalty).float()
 
 
-def _beam_search(model, idx, max_new_tokens, nb, length_penalty, early_stopping, eos_token_id,
-                 no_repeat_ngram_size, num_return_sequences, use_cache):
+@dataclass
+class _Beams:
+    """The search's state per prompt: nb open beams and the nb best finished hypotheses."""
+
+    running: torch.Tensor  # (B, nb, L) open beams, padded
+    run_score: torch.Tensor  # (B, nb) summed log-probabilities
+    fin_seq: torch.Tensor  # (B, nb, L) the nb best finished hypotheses
+    fin_score: torch.Tensor  # (B, nb) length-penalised
+    fin_done: torch.Tensor  # (B, nb) slot holds a real hypothesis
+    fin_len: torch.Tensor  # (B, nb) generated tokens
+    improvable: torch.Tensor  # (B, 1) open beams may still win
+
+    @classmethod
+    def start(cls, idx: torch.Tensor, L: int, nb: int, pad: int) -> "_Beams":
+        B, T = idx.shape
+        dev = idx.device
+        running = torch.full((B, nb, L), pad, dtype=torch.long, device=dev)  # (B, nb, L)
+        running[:, :, :T] = idx[:, None, :]
+        run_score = torch.zeros(B, nb, device=dev)  # (B, nb)
+        run_score[:, 1:] = NOT_A_CANDIDATE  # identical beams at the start: only beam 0 may expand
+        return cls(running, run_score, running.clone(), torch.full((B, nb), NOT_A_CANDIDATE, device=dev),
+                   torch.zeros(B, nb, dtype=torch.bool, device=dev), torch.zeros(B, nb, dtype=torch.long, device=dev),
+                   torch.ones(B, 1, dtype=torch.bool, device=dev))
+
+
+def _beam_search(model, idx: torch.Tensor, max_new_tokens: int, opts: BeamSettings):
     B, T = idx.shape
-    dev = idx.device
-    L = T + max_new_tokens
-    K = 2 * nb  # candidates per prompt and step: enough that num_beams of them are not eos
-    pad = eos_token_id if eos_token_id is not None else 0
-    es_true = early_stopping is True
-    running = torch.full((B, nb, L), pad, dtype=torch.long, device=dev)  # (B, nb, L) open beams
-    running[:, :, :T] = idx[:, None, :]
-    run_score = torch.zeros(B, nb, device=dev)  # (B, nb) summed log-probabilities
-    run_score[:, 1:] = NOT_A_CANDIDATE  # identical beams at the start: only beam 0 may expand
-    fin_seq = running.clone()  # (B, nb, L) the nb best finished hypotheses
-    fin_score = torch.full((B, nb), NOT_A_CANDIDATE, device=dev)  # (B, nb) length-penalised
-    fin_done = torch.zeros(B, nb, dtype=torch.bool, device=dev)  # (B, nb) slot holds a real hypothesis
-    fin_len = torch.zeros(B, nb, dtype=torch.long, device=dev)  # (B, nb) generated tokens
-    improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)  # (B, 1) open beams may still win
-    in_top_nb = torch.arange(K, device=dev) < nb  # (K,) only these candidates may finish
-    batch_base = torch.arange(B, device=dev)[:, None] * nb  # (B, 1) row offset of each prompt's beams
-
+    nb, L = opts.num_beams, T + max_new_tokens
+    beams = _Beams.start(idx, L, nb, pad=opts.eos_token_id if opts.eos_token_id is not None else 0)
+    batch_base = torch.arange(B, device=idx.device)[:, None] * nb  # (B, 1) row offset of each prompt's beams
     # prefill the B prompts once, then give every beam a copy of its prompt's cache rows
-    window = _Window(model, B, L, use_cache)
+    window = _Window(model, B, L, opts.use_cache)
     logits = window.logits(idx, T).repeat_interleave(nb, dim=0)  # (B·nb, V)
-    window.reorder(torch.arange(B, device=dev).repeat_interleave(nb))
+    window.reorder(torch.arange(B, device=idx.device).repeat_interleave(nb))
     for step in range(max_new_tokens):
         cur = T + step  # tokens in each open beam
-        flat = running.view(B * nb, L)
         log_probs = F.log_softmax(logits, dim=-1)  # (B·nb, V)
         check_logits(log_probs)
-        log_probs = ban_repeated_ngrams(flat[:, :cur], log_probs, no_repeat_ngram_size)
-        V = log_probs.size(-1)
-        total = (log_probs.view(B, nb, V) + run_score[:, :, None]).view(B, nb * V)  # (B, nb·V)
-        cand_score, cand = torch.topk(total, K, dim=1)  # (B, K) each, best first
-        cand_beam, cand_tok = cand // V, cand % V  # (B, K) each
-        cand_seq = _pick(running, cand_beam)  # (B, K, L)
-        cand_seq[:, :, cur] = cand_tok
-        if step == max_new_tokens - 1:
-            ends = torch.ones(B, K, dtype=torch.bool, device=dev)  # max length: every candidate ends
-        elif eos_token_id is not None:
-            ends = cand_tok == eos_token_id  # (B, K)
-        else:
-            ends = torch.zeros(B, K, dtype=torch.bool, device=dev)
-
-        # the num_beams best candidates that did not end stay open
-        open_score = cand_score + ends.float() * NOT_A_CANDIDATE  # (B, K)
-        keep = torch.topk(open_score, nb, dim=1).indices  # (B, nb)
-        running = _pick(cand_seq, keep)  # (B, nb, L)
-        run_score = open_score.gather(1, keep)  # (B, nb)
-        src_row = (cand_beam.gather(1, keep) + batch_base).view(-1)  # (B·nb,) old beam of each new beam
-
-        # candidates that ended among the first nb compete with the kept hypotheses on penalised score
-        fresh = ends & in_top_nb  # (B, K)
-        scored = cand_score / ((cur + 1 - T) ** length_penalty)  # (B, K)
-        closed = fin_done.all(dim=1, keepdim=True) & es_true  # (B, 1) early_stopping=True and nb finished
-        scored = scored + closed.float() * NOT_A_CANDIDATE
-        scored = scored + (~improvable).float() * NOT_A_CANDIDATE
-        scored = scored + (~fresh).float() * NOT_A_CANDIDATE
-        merged_score = torch.cat((fin_score, scored), dim=1)  # (B, nb+K)
-        best = torch.topk(merged_score, nb, dim=1).indices  # (B, nb)
-        fin_score = merged_score.gather(1, best)
-        fin_seq = _pick(torch.cat((fin_seq, cand_seq), dim=1), best)  # (B, nb, L)
-        fin_done = torch.cat((fin_done, fresh), dim=1).gather(1, best)  # (B, nb)
-        new_len = torch.full((B, K), cur + 1 - T, dtype=torch.long, device=dev)  # (B, K)
-        fin_len = torch.cat((fin_len, new_len), dim=1).gather(1, best)  # (B, nb)
-
-        # can an open beam still beat the worst kept hypothesis? (transformers' heuristic, per prompt)
-        cur += 1
-        reach = (L - T) if (early_stopping == "never" and length_penalty > 0.0) else (cur - T)
-        best_open = run_score[:, :1] / (reach ** length_penalty)  # (B, 1)
-        worst_kept = torch.where(fin_done, fin_score.min(dim=1, keepdim=True).values, NOT_A_CANDIDATE)  # (B, nb)
-        improvable = improvable & (best_open > worst_kept).any(dim=1, keepdim=True)
-        stop = ~improvable.any() | (fin_done.all() & es_true) | ends.all()
+        log_probs = ban_repeated_ngrams(beams.running.view(B * nb, L)[:, :cur], log_probs,
+                                        opts.no_repeat_ngram_size)
+        cand_score, cand_beam, cand_seq, ends = _candidates(beams, log_probs, cur, last=step == max_new_tokens - 1,
+                                                            eos=opts.eos_token_id)
+        src_row = _keep_open(beams, cand_score, cand_beam, cand_seq, ends) + batch_base  # (B, nb)
+        _keep_finished(beams, cand_score, cand_seq, ends, new_len=cur + 1 - T, opts=opts)
+        _update_improvable(beams, opts, length=cur + 1 - T, max_length=L - T)
+        stop = ~beams.improvable.any() | (beams.fin_done.all() & (opts.early_stopping is True)) | ends.all()
         if step == max_new_tokens - 1 or bool(stop):
             break
-        window.reorder(src_row)
-        logits = window.logits(running.view(B * nb, L), cur)  # (B·nb, V)
+        window.reorder(src_row.view(-1))
+        logits = window.logits(beams.running.view(B * nb, L), cur + 1)  # (B·nb, V)
+    R = opts.num_return_sequences
+    seqs = beams.fin_seq[:, :R].reshape(B * R, L)  # (B·R, L)
+    out_len = T + int(beams.fin_len[:, :R].max())
+    return seqs[:, :out_len], beams.fin_score[:, :R].reshape(B * R)
 
-    R = num_return_sequences
-    seqs = fin_seq[:, :R].reshape(B * R, L)  # (B·R, L)
-    out_len = T + int(fin_len[:, :R].max())
-    return seqs[:, :out_len], fin_score[:, :R].reshape(B * R)
+
+def _candidates(beams: _Beams, log_probs: torch.Tensor, cur: int, *, last: bool, eos: int | None):
+    """The 2·nb best (beam, token) continuations per prompt: (score, beam, sequence, ends), best first."""
+    B, nb, L = beams.running.shape
+    K = 2 * nb  # enough that num_beams of them are not eos
+    V = log_probs.size(-1)
+    total = (log_probs.view(B, nb, V) + beams.run_score[:, :, None]).view(B, nb * V)  # (B, nb·V)
+    cand_score, cand = torch.topk(total, K, dim=1)  # (B, K) each, best first
+    cand_beam, cand_tok = cand // V, cand % V  # (B, K) each
+    cand_seq = _pick(beams.running, cand_beam)  # (B, K, L)
+    cand_seq[:, :, cur] = cand_tok
+    if last:
+        ends = torch.ones(B, K, dtype=torch.bool, device=cand.device)  # max length: every candidate ends
+    elif eos is not None:
+        ends = cand_tok == eos  # (B, K)
+    else:
+        ends = torch.zeros(B, K, dtype=torch.bool, device=cand.device)
+    return cand_score, cand_beam, cand_seq, ends
+
+
+def _keep_open(beams: _Beams, cand_score, cand_beam, cand_seq, ends) -> torch.Tensor:
+    """The nb best candidates that did not end become the open beams; returns each new beam's old beam (B, nb)."""
+    nb = beams.running.size(1)
+    open_score = cand_score + ends.float() * NOT_A_CANDIDATE  # (B, K)
+    keep = torch.topk(open_score, nb, dim=1).indices  # (B, nb)
+    beams.running = _pick(cand_seq, keep)  # (B, nb, L)
+    beams.run_score = open_score.gather(1, keep)  # (B, nb)
+    return cand_beam.gather(1, keep)  # (B, nb)
+
+
+def _keep_finished(beams: _Beams, cand_score, cand_seq, ends, *, new_len: int, opts: BeamSettings) -> None:
+    """Candidates that ended among the first nb compete with the kept hypotheses on penalised score."""
+    B, nb, _ = beams.running.shape
+    K = cand_score.size(1)
+    fresh = ends & (torch.arange(K, device=ends.device) < nb)  # (B, K) only the first nb may finish
+    scored = cand_score / (new_len ** opts.length_penalty)  # (B, K)
+    closed = beams.fin_done.all(dim=1, keepdim=True) & (opts.early_stopping is True)  # (B, 1) nb finished
+    scored = scored + closed.float() * NOT_A_CANDIDATE
+    scored = scored + (~beams.improvable).float() * NOT_A_CANDIDATE
+    scored = scored + (~fresh).float() * NOT_A_CANDIDATE
+    merged_score = torch.cat((beams.fin_score, scored), dim=1)  # (B, nb+K)
+    best = torch.topk(merged_score, nb, dim=1).indices  # (B, nb)
+    beams.fin_score = merged_score.gather(1, best)
+    beams.fin_seq = _pick(torch.cat((beams.fin_seq, cand_seq), dim=1), best)  # (B, nb, L)
+    beams.fin_done = torch.cat((beams.fin_done, fresh), dim=1).gather(1, best)  # (B, nb)
+    lengths = torch.full((B, K), new_len, dtype=torch.long, device=ends.device)  # (B, K)
+    beams.fin_len = torch.cat((beams.fin_len, lengths), dim=1).gather(1, best)  # (B, nb)
+
+
+def _update_improvable(beams: _Beams, opts: BeamSettings, *, length: int, max_length: int) -> None:
+    """Can an open beam still beat the worst kept hypothesis? (transformers' heuristic, per prompt)"""
+    reach = max_length if (opts.early_stopping == "never" and opts.length_penalty > 0.0) else length
+    best_open = beams.run_score[:, :1] / (reach ** opts.length_penalty)  # (B, 1)
+    worst_kept = torch.where(beams.fin_done, beams.fin_score.min(dim=1, keepdim=True).values,
+                             NOT_A_CANDIDATE)  # (B, nb)
+    beams.improvable = beams.improvable & (best_open > worst_kept).any(dim=1, keepdim=True)

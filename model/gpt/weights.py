@@ -1,4 +1,5 @@
-"""Pretrained weights from local files: Hugging Face GPT-2 folders and nanoGPT ckpt.pt files. No network.
+"""Pretrained weights from local files: Hugging Face GPT-2 folders, nanoGPT ckpt.pt files, and the checkpoints
+train.py writes (a .pt file, or its out_dir). No network.
 
 Hugging Face GPT-2 stores its four matmul weights per block as Conv1D, shaped (in, out); torch's Linear is
 (out, in), so those are transposed. Our parameter names are GPT-2's, so nothing else is renamed.
@@ -7,28 +8,67 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import GPTConfig, read_json
-from .gpt import GPT
+
+if TYPE_CHECKING:  # for annotations only: the loaders build whatever class they are given
+    from .gpt import GPT
 
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older HF GPT-2 and nanoGPT's slow path
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation our MLP uses
+OUT_DIR_CHECKPOINTS = ("best.pt", "last.pt")  # what train.py leaves in its out_dir, in order of preference
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> GPT:
-    """A GPT from a Hugging Face GPT-2 folder (config.json + weights) or a nanoGPT checkpoint file, in eval mode."""
+def load_pretrained(cls: type[GPT], path: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """A `cls` (GPT) in eval mode from a Hugging Face GPT-2 folder (config.json + weights), a train.py out_dir
+    (its best.pt, else last.pt), or a checkpoint file: train.py's or nanoGPT's ckpt.pt."""
     path = Path(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        found = [path / name for name in OUT_DIR_CHECKPOINTS if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path}: neither a Hugging Face folder (no config.json) nor a train.py out_dir "
+                                    f"(no {' or '.join(OUT_DIR_CHECKPOINTS)})")
+        path = found[0]
     if path.is_dir():
-        model = load_hf_gpt2(path)
+        model = load_hf_gpt2(cls, path)
     elif path.is_file():
-        model = load_nanogpt(path)
+        model = load_checkpoint_file(cls, path)
     else:
-        raise FileNotFoundError(f"no such checkpoint file or Hugging Face folder: {path}")
+        raise FileNotFoundError(f"no such checkpoint file or folder: {path}")
     return model.to(device).eval()
+
+
+def load_checkpoint_file(cls: type[GPT], file: str | Path) -> GPT:
+    """A `cls` from a checkpoint file: train.py's (model_config + model) or nanoGPT's (model_args + model)."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {file}")
+    ckpt = _torch_load(file)
+    if isinstance(ckpt, dict) and "model" in ckpt and ("model_config" in ckpt or "model_args" in ckpt):
+        key = "model_config" if "model_config" in ckpt else "model_args"  # train.py's, nanoGPT's
+        model = cls(_config_from_args(ckpt[key], file, key))
+        _load_state(model, ckpt["model"], file)
+        return model
+    keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+    raise ValueError(f"{file}: unknown checkpoint format (expected train.py's 'model_config' and 'model' keys or "
+                     f"nanoGPT's 'model_args' and 'model', found {keys})")
+
+
+def _config_from_args(args, file: Path, key: str) -> GPTConfig:
+    if not isinstance(args, dict):
+        raise ValueError(f"{file}: {key} is not a dict ({type(args).__name__})")
+    unknown = sorted(set(args) - {f.name for f in dataclasses.fields(GPTConfig)})
+    if unknown:
+        raise ValueError(f"{file}: {key} has keys GPTConfig does not know: {unknown}")
+    try:
+        return GPTConfig(**args)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -91,14 +131,14 @@ def _read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
     raise FileNotFoundError(f"{folder}: no {' or '.join(HF_WEIGHT_FILES)} (sharded checkpoints are not supported)")
 
 
-def load_hf_gpt2(folder: str | Path) -> GPT:
-    """A GPT with the weights of a local Hugging Face GPT-2 folder (config.json + safetensors or .bin)."""
+def load_hf_gpt2(cls: type[GPT], folder: str | Path) -> GPT:
+    """A `cls` (GPT) with the weights of a local Hugging Face GPT-2 folder (config.json + safetensors or .bin)."""
     folder = Path(folder)
     config_file = folder / "config.json"
     hf = read_json(config_file, f"Hugging Face folder has no config.json: {config_file}")
     config = config_from_hf(hf, str(config_file))
     state, file = _read_hf_weights(folder)
-    model = GPT(config)
+    model = cls(config)
     _load_state(model, state, file, transpose=CONV1D)
     return model
 
@@ -125,30 +165,6 @@ def to_hf_gpt2(model: GPT):
 # ----------------------------------------------------------------------------------------------------
 # nanoGPT ckpt.pt: {"model_args": dict(n_layer, n_head, n_embd, block_size, bias, vocab_size, dropout),
 #                   "model": state_dict (maybe with torch.compile's "_orig_mod." prefix), ...}
-
-def load_nanogpt(file: str | Path) -> GPT:
-    """A GPT from a nanoGPT-format checkpoint file (model_args + model state dict)."""
-    file = Path(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {file}")
-    ckpt = _torch_load(file)
-    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "model" not in ckpt:
-        keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{file}: unknown checkpoint format (expected nanoGPT's 'model_args' and 'model' keys, "
-                         f"found {keys})")
-    args = dict(ckpt["model_args"])
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ValueError(f"{file}: model_args has keys GPTConfig does not know: {unknown}")
-    try:
-        config = GPTConfig(**args)
-    except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None
-    model = GPT(config)
-    _load_state(model, ckpt["model"], file)
-    return model
-
 
 def save_nanogpt(model: GPT, file: str | Path, **extra) -> None:
     """Write model as a nanoGPT ckpt.pt (model_args + model; extra keys such as iter_num are stored too)."""

@@ -3,9 +3,8 @@
 The allocator: a training step allocates and frees the same large activations every step. glibc serves every
 block above its mmap threshold (32 MB at most) with a fresh mmap and unmaps it on free, so each step pays the
 kernel's page faults and page zeroing again for every large tensor. At nanoGPT's shakespeare_char shape,
-(64, 6, 256, 256) attention weights are 100 MB each. Measured in BENCHMARKS.md: 12% of that recipe's CPU time
-went to the kernel, and this setting takes about 17% off its step. The CUDA caching allocator keeps freed GPU
-memory for reuse for the same reason.
+(64, 6, 256, 256) attention weights are 100 MB each. What the setting buys, measured, is in
+docs/performance.md. The CUDA caching allocator keeps freed GPU memory for reuse for the same reason.
 
 The matmul precision: TrainConfig.matmul_precision, resolved and described here, set by train.py for a run.
 """

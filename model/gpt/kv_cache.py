@@ -1,0 +1,54 @@
+"""The key/value cache that generation and beam search feed the GPT through."""
+from __future__ import annotations
+
+import torch
+
+from ..config import GPTConfig
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, pos), preallocated up to max_len positions.
+
+    Layout (n_layer, B, n_head, max_len, head_dim). The model writes each layer's new keys/values with
+    `update` and advances `pos` once per forward; beam search permutes rows with `reorder`.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int | None = None,
+                 device=None, dtype=torch.float32):
+        max_len = config.block_size if max_len is None else max_len
+        if not 0 < max_len <= config.block_size:
+            raise ValueError(f"max_len must be in [1, block_size={config.block_size}], got {max_len}")
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+        self._spare = None  # second (k, v) pair that reorder gathers into, made on the first reorder
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, nh, T, hs) at positions [pos, pos+T); return all keys/values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, pos+T, hs)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (beam search: each new beam continues an old one)."""
+        # the batch size changes (prompts -> beams), or autograd tracks the cache: fresh buffers
+        if index.numel() != self.k.size(1) or self.k.requires_grad:
+            self.k = self.k.index_select(1, index)
+            self.v = self.v.index_select(1, index)
+            self._spare = None
+            return
+        # same batch size (every beam-search step): gather only positions [0, pos) into the spare buffers and
+        # swap; allocating a fresh cache per step costs more than the copy itself (page faults)
+        if self._spare is None:
+            self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+        k, v = self._spare
+        torch.index_select(self.k[:, :, :, :self.pos], 1, index, out=k[:, :, :, :self.pos])
+        torch.index_select(self.v[:, :, :, :self.pos], 1, index, out=v[:, :, :, :self.pos])
+        self._spare = (self.k, self.v)
+        self.k, self.v = k, v
+
+    def reset(self) -> None:
+        self.pos = 0
