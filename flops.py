@@ -540,6 +540,9 @@ def run(args, overrides: list[str], start: float) -> int:
         result = plan(cfg, T, args)
         print(dump_json(result) if args.json else render_plan(result))
         return 0
+    if args.profile:
+        check_sizes(cfg, args.batch_size, T)
+        return run_profile(cfg, args, T)
     if args.tokens is not None or args.device is not None or args.peak_flops is not None or args.mfu is not None:
         raise ValueError("--tokens, --device, --peak-flops and --mfu need --plan")
     if args.sweep:
@@ -548,8 +551,6 @@ def run(args, overrides: list[str], start: float) -> int:
             print(f"wrote {path}")
         return 0
     check_sizes(cfg, args.batch_size, T)
-    if args.profile:
-        return run_profile(cfg, args, T)
     rep = report(cfg, args.batch_size, T)
     rep["vocab_source"] = note
     rep["seconds"] = round(time.perf_counter() - start, 3)

@@ -619,6 +619,8 @@ def main(argv: list[str] | None = None) -> int:
             return do_fit(args, overrides)
         preset = PRESETS[args.preset or "default"]
         budgets = parse_budgets(args.budgets) if args.budgets else list(preset["budgets"])
+        from model.flops.scaling import check_budgets
+        check_budgets(budgets)  # before the dataset is looked for (or prepared)
         sizes = args.sizes if args.sizes is not None else preset["sizes"]
         if args.compare:
             if args.config:

@@ -64,6 +64,20 @@ def test_a_flipped_bit_in_the_weights_is_refused_naming_the_file(tmp_path):
         load_checkpoint(path)
 
 
+def test_from_pretrained_refuses_a_flipped_bit_too(tmp_path):
+    """GPT.from_pretrained reads checkpoints without model.training: it checks the same CRCs."""
+    path = save_checkpoint(tiny_state(), tmp_path / "last.pt")
+    GPT.from_pretrained(path)  # intact: loads
+    offset, size = member_offset(path, "/data/0")
+    raw = bytearray(path.read_bytes())
+    raw[offset + size // 2] ^= 0x10
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=rf"^{path}: corrupt checkpoint: archive/data/0 fails its CRC-32 check$"):
+        GPT.from_pretrained(path)
+    with pytest.raises(ValueError, match=r"corrupt checkpoint"):
+        GPT.from_pretrained(tmp_path)  # the out_dir form reads the same file
+
+
 def test_two_thousand_flipped_bytes_are_refused(tmp_path):
     path = save_checkpoint(tiny_state(), tmp_path / "last.pt")
     raw = bytearray(path.read_bytes())

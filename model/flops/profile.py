@@ -11,7 +11,6 @@ on CPU or CUDA) does all three at once: its row is "attention_fused" (pass --att
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import formulas
 from ..config import GPTConfig
 from ..gpt.gpt import GPT
+from ..training.optim import adamw
 
 COMPONENTS = ("qkv", "attn_scores", "softmax", "attn_values", "attention_fused", "attn_proj", "mlp_up", "gelu",
               "mlp_down", "layer_norm", "lm_head", "cross_entropy", "optimizer", "other")
@@ -159,7 +159,7 @@ def profile_step(cfg: GPTConfig, batch: int, seq_len: int, device: torch.device,
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     model.train()
-    optimizer = model.configure_optimizer(6e-4, 0.1, (0.9, 0.95), device.type)
+    optimizer = adamw(model, 6e-4, 0.1, (0.9, 0.95), device.type)
     run = _Run(model, optimizer, torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device), device)
     for _ in range(warmup):
         run.step()

@@ -7,7 +7,9 @@ Hugging Face GPT-2 stores its four matmul weights per block as Conv1D, shaped (i
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 from pathlib import Path
+from zlib import error as zlib_error
 from typing import TYPE_CHECKING
 
 import torch
@@ -174,7 +176,22 @@ def save_nanogpt(model: GPT, file: str | Path, **extra) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 
+def verify_archive(path: str | Path) -> None:
+    """Check every member of a torch zip archive against its CRC-32 (torch.load checks none of them), so
+    flipped bits or a torn copy are a ValueError naming the file and the damaged member."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, zlib_error) as e:
+        raise ValueError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from None
+    if bad is not None:
+        raise ValueError(f"{path}: corrupt checkpoint: {bad} fails its CRC-32 check")
+
+
+
 def _torch_load(file: Path):
+    if zipfile.is_zipfile(file):  # torch.save's zip format; the legacy format carries no CRCs to check
+        verify_archive(file)
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types; all mean "not a checkpoint we can read"

@@ -18,7 +18,6 @@ import shutil
 import tempfile
 import time
 import zipfile
-from zlib import error as zlib_error
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +26,7 @@ import torch
 
 from ..config import GPTConfig
 from ..gpt.gpt import GPT
+from ..gpt.weights import verify_archive
 from .memory import check_fits, weights_bytes
 
 FORMAT = "flopgpt-1"
@@ -139,18 +139,6 @@ def process_exists(pid: int) -> bool:
     except (PermissionError, OverflowError, OSError):
         return True  # exists (someone else's), or cannot tell: keep the file
     return True
-
-
-def verify_archive(path: str | Path) -> None:
-    """Check every member of a torch zip archive against its CRC-32 (torch.load checks none of them), so
-    flipped bits or a torn copy are a ValueError naming the file and the damaged member."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, zlib_error) as e:
-        raise ValueError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from None
-    if bad is not None:
-        raise ValueError(f"{path}: corrupt checkpoint: {bad} fails its CRC-32 check")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
