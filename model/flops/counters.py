@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import GPTConfig
+from ..config import GPTConfig, check
 from .formulas import (ADD, ATTN_SCALE, CROSS_ENTROPY_PER_LOGIT, CROSS_ENTROPY_PER_ROW, GELU_ERF, GELU_TANH,
                     LAYER_NORM_CORE, MATMUL_COMPONENTS, SOFTMAX)
 from ..gpt.gpt import GPT
@@ -86,8 +86,7 @@ def _tokens(batch: int, seq_len: int, device) -> torch.Tensor:
 
 def _check_shape(cfg: GPTConfig, batch: int, seq_len: int, past: int) -> None:
     for name, value, low in (("batch", batch, 1), ("seq_len", seq_len, 1), ("past", past, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check(name, value, int, low)
     if past + seq_len > cfg.block_size:
         raise ValueError(f"{past + seq_len} positions exceed block_size={cfg.block_size}")
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import GPTConfig
+from ..config import GPTConfig, check
 
 MATMUL_COMPONENTS = ("qkv", "attn_scores", "attn_values", "attn_proj", "mlp_up", "mlp_down", "lm_head")
 
@@ -235,8 +235,7 @@ def _check(cfg: GPTConfig, batch: int, q_len: int, past: int) -> None:
     if not isinstance(cfg, GPTConfig):
         raise ValueError(f"config must be a GPTConfig, got {type(cfg).__name__}")
     for name, value, low in (("batch", batch, 1), ("seq_len", q_len, 1), ("past", past, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check(name, value, int, low)
     if past + q_len > cfg.block_size:
         raise ValueError(f"{past + q_len} positions (past={past} + seq_len={q_len}) exceed "
                          f"block_size={cfg.block_size}")
@@ -325,8 +324,7 @@ def generation_calls(cfg: GPTConfig, prompt_len: int, new_tokens: int, *, batch:
     """
     for name, value, low in (("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 0), ("batch", batch, 1),
                              ("num_beams", num_beams, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check(name, value, int, low)
     block = cfg.block_size
     calls = []
     for k in range(new_tokens):

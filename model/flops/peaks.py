@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import check
+
 
 @dataclass(frozen=True)
 class GpuPeak:
@@ -119,9 +121,7 @@ def peak_flops(device, override: float = 0.0) -> tuple[float, str]:
     ValueError asking for --peak_flops). CPU: a short calibrated fp32 matmul measurement, once per process.
     """
     import torch
-    if isinstance(override, bool) or not isinstance(override, (int, float)) or not math.isfinite(override) \
-            or override < 0:
-        raise ValueError(f"peak_flops override must be a finite number >= 0, got {override!r}")
+    check("peak_flops override", override, float, 0)
     if override > 0:
         return float(override), "given (--peak_flops)"
     device = torch.device(device)
@@ -310,9 +310,7 @@ def device_peak(device, override: float = 0.0, recalibrate: bool = False) -> Pea
     CPU: the hardware figure (hardware_cpu_peak), raised to a cached calibration above it; where the
     hardware cannot be read, the cached calibration (measured once per machine and torch version)."""
     import torch
-    if isinstance(override, bool) or not isinstance(override, (int, float)) or not math.isfinite(override) \
-            or override < 0:
-        raise ValueError(f"peak_flops override must be a finite number >= 0, got {override!r}")
+    check("peak_flops override", override, float, 0)
     if override > 0:
         return Peak(float(override), "given (peak_flops)")
     device = torch.device(device)

@@ -13,7 +13,7 @@ from decimal import Decimal, InvalidOperation
 
 from . import approximations
 from . import formulas as flops
-from ..config import GPTConfig
+from ..config import GPTConfig, check
 
 # Powers of ten and the names used for compute at that scale ("exascale" = 10^18 up to 10^21 FLOPs).
 SCALES = ((10 ** 24, "yottascale"), (10 ** 21, "zettascale"), (10 ** 18, "exascale"), (10 ** 15, "petascale"),
@@ -28,9 +28,7 @@ def scale_class(total_flops: int | float) -> str:
     to kiloscale for [10^3, 10^6); below 10^3 "sub-kiloscale". Compared with the integer thresholds exactly:
     a float counts as the decimal it prints as (repr), so 1e24 is 10^24 although the binary float is a little
     below it."""
-    if isinstance(total_flops, bool) or not isinstance(total_flops, (int, float)) or total_flops < 0 \
-            or not math.isfinite(total_flops):
-        raise ValueError(f"FLOPs must be a finite number >= 0, got {total_flops!r}")
+    check("FLOPs", total_flops, float, 0)
     value = Decimal(total_flops) if isinstance(total_flops, int) else Decimal(repr(total_flops))
     for threshold, name in SCALES:
         if value >= threshold:
@@ -67,10 +65,8 @@ def plan_run(config: GPTConfig, tokens: int, seq_len: int, peak_flops: float, mf
     (approximation / exact), peak_flops, mfu, seconds, scale, per_generated_token ({"cached", "uncached"}:
     one new token at context seq_len, with and without a KV cache).
     """
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
-        raise ValueError(f"tokens must be a positive integer, got {tokens!r}")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 0 < seq_len <= config.block_size:
-        raise ValueError(f"seq_len must be in [1, block_size={config.block_size}], got {seq_len!r}")
+    check("tokens", tokens, int, 1)
+    check("seq_len", seq_len, int, 1, config.block_size)
     if not (isinstance(peak_flops, (int, float)) and math.isfinite(peak_flops) and peak_flops > 0):
         raise ValueError(f"peak_flops must be a positive FLOP/s, got {peak_flops!r}")
     if not (isinstance(mfu, (int, float)) and 0 < mfu <= 1):

@@ -18,7 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import formulas
-from ..config import GPTConfig
+from ..config import GPTConfig, check
 from ..gpt.gpt import GPT
 from ..training.optim import adamw
 
@@ -152,8 +152,7 @@ def profile_step(cfg: GPTConfig, batch: int, seq_len: int, device: torch.device,
     seconds add up to step_seconds (the profiled step). mfu is the exact matmul FLOPs of the step over the
     median unprofiled step (the timer's per-op synchronisation and Python make the profiled step slower)."""
     for name, value in (("batch", batch), ("steps", steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check(name, value, int, 1)
     if not 0 < seq_len <= cfg.block_size:
         raise ValueError(f"seq_len must be in [1, block_size={cfg.block_size}], got {seq_len!r}")
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..config import GPTConfig
+from ..config import GPTConfig, check
 from .formulas import params_non_embedding, params_total, train_step_flops
 
 CONVENTIONS = ("exact", "6nd", "6n_nonembedding_d")
@@ -44,9 +44,7 @@ class Family:
 
     def __post_init__(self) -> None:
         for name in ("aspect", "head_dim", "max_layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check(name, getattr(self, name), int, 1)
         if self.aspect % self.head_dim:
             raise ValueError(f"aspect={self.aspect} must be a multiple of head_dim={self.head_dim}")
 
@@ -59,8 +57,7 @@ def check_budgets(budgets) -> list[int]:
     """At least two distinct positive budgets, as whole FLOPs in increasing order."""
     out = []
     for b in budgets:
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 1:
-            raise ValueError(f"budget must be a finite number of FLOPs >= 1, got {b!r}")
+        check("budget", b, float, 1)
         out.append(int(b))
     if len(set(out)) < 2:
         raise ValueError(f"need at least two distinct budgets to fit a power law, got "
@@ -87,8 +84,7 @@ def ladder(base: GPTConfig, family: Family, budget: int, sizes: int, batch_size:
     """`sizes` consecutive family members for `budget`, centred on the member whose tokens per parameter is
     closest (on a log scale) to `tokens_per_param` (Chinchilla's ~20), shifted to stay within the members that
     get at least `min_steps` steps."""
-    if isinstance(sizes, bool) or not isinstance(sizes, int) or sizes < 3:
-        raise ValueError(f"sizes must be an integer >= 3 (a parabola needs three points), got {sizes!r}")
+    check("sizes", sizes, int, 3)  # a parabola needs three points
     if not (isinstance(tokens_per_param, (int, float)) and math.isfinite(tokens_per_param) and tokens_per_param > 0):
         raise ValueError(f"tokens_per_param must be a positive number, got {tokens_per_param!r}")
     members = [point(base, family, m, budget, batch_size, grad_accum) for m in range(1, family.max_layers + 1)]
@@ -139,10 +135,7 @@ def check_records(records: list[dict]) -> None:
         if missing:
             raise ValueError(f"record {i + 1} lacks {', '.join(missing)}")
         for k in RECORD_KEYS:
-            v = r[k]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
-                    (v <= 0 and k != "val_loss"):
-                raise ValueError(f"record {i + 1}: {k} must be a finite positive number, got {v!r}")
+            check(f"record {i + 1}: {k}", r[k], float, None if k == "val_loss" else 0, open_low=True)
 
 
 def compute_and_n(r: dict, convention: str) -> tuple[float, float]:

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
+from ..config import check
+
 NOT_A_CANDIDATE = -1.0e9  # transformers' score for beams that must not be chosen (kept for identical ties)
 
 
@@ -35,14 +37,11 @@ def check_logits(logits: torch.Tensor) -> None:
 
 
 def validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k must be None or an integer >= 0 (0 = no filtering), got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not 0.0 < top_p <= 1.0):
-        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    check("temperature", temperature, float, 0)  # 0 = greedy
+    if top_k is not None:
+        check("top_k", top_k, int, 0)  # 0 = no filtering
+    if top_p is not None:
+        check("top_p", top_p, float, 0, 1, open_low=True)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -173,16 +172,9 @@ def _check_prompt(model, idx: torch.Tensor) -> None:
         raise ValueError(f"token id {lo if lo < 0 else hi} outside the vocabulary [0, {model.config.vocab_size})")
 
 
-def _check_count(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def _check_eos(model, eos_token_id) -> None:
-    if eos_token_id is not None and (isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int)
-                                     or not 0 <= eos_token_id < model.config.vocab_size):
-        raise ValueError(f"eos_token_id must be None or a token id in [0, {model.config.vocab_size}), "
-                         f"got {eos_token_id!r}")
+    if eos_token_id is not None:
+        check("eos_token_id", eos_token_id, int, 0, model.config.vocab_size, open_high=True)
 
 
 class _EvalMode:
@@ -217,7 +209,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
     each step; both give the same tokens.
     """
     _check_prompt(model, idx)
-    _check_count("max_new_tokens", max_new_tokens, 0)
+    check("max_new_tokens", max_new_tokens, int, 0)
     validate_sampling(temperature, top_k, top_p)
     _check_eos(model, eos_token_id)
     with _EvalMode(model), torch.inference_mode():
@@ -253,14 +245,12 @@ def _pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _check_beam_args(num_beams, length_penalty, early_stopping, no_repeat_ngram_size,
                      num_return_sequences) -> None:
-    _check_count("num_beams", num_beams, 1)
-    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)) \
-            or not math.isfinite(length_penalty):
-        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+    check("num_beams", num_beams, int, 1)
+    check("length_penalty", length_penalty, float)
     if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    _check_count("no_repeat_ngram_size", no_repeat_ngram_size, 0)
-    _check_count("num_return_sequences", num_return_sequences, 1)
+    check("no_repeat_ngram_size", no_repeat_ngram_size, int, 0)
+    check("num_return_sequences", num_return_sequences, int, 1)
     if num_return_sequences > num_beams:
         raise ValueError(f"num_return_sequences={num_return_sequences} exceeds num_beams={num_beams}")
 
@@ -297,7 +287,7 @@ def beam_search(model, idx: torch.Tensor, max_new_tokens: int, *, num_beams: int
     n-gram (prompt included).
     """
     _check_prompt(model, idx)
-    _check_count("max_new_tokens", max_new_tokens, 1)
+    check("max_new_tokens", max_new_tokens, int, 1)
     _check_beam_args(num_beams, length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences)
     _check_eos(model, eos_token_id)
     opts = BeamSettings(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,

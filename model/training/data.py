@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import read_json
+from ..config import check, read_json
 from .tokenizer import (RANKS_FILE, TOKENIZERS, CharTokenizer, TiktokenTokenizer, Tokenizer, bpe_tokenizer,
                         gpt2_tokenizer, sha256_file)
 
@@ -81,8 +81,7 @@ class Batches:
     def __init__(self, dataset_dir: str | Path, split: str, block_size: int, batch_size: int,
                  seed: int = 0, device: str | torch.device = "cpu"):
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check(name, value, int, 1)
         self.data = open_split(dataset_dir, split)
         if len(self.data) < block_size + 1:
             raise ValueError(f"{Path(dataset_dir) / (split + '.bin')}: {len(self.data)} tokens, fewer than "
@@ -125,8 +124,7 @@ class Batches:
 def token_dtype(vocab_size: int) -> str:
     """uint16 for vocabularies of up to 65,535 tokens, uint32 above (the project's rule; a vocabulary of
     exactly 65,536 would still fit uint16, its ids ending at 65,535)."""
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
-        raise ValueError(f"vocab_size must be a positive integer, got {vocab_size!r}")
+    check("vocab_size", vocab_size, int, 1)
     if vocab_size > 2**32:
         raise ValueError(f"vocab_size {vocab_size} does not fit in uint32")
     return "uint16" if vocab_size <= 65535 else "uint32"

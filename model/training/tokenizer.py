@@ -20,6 +20,8 @@ import regex
 import tiktoken
 import tiktoken.load
 
+from ..config import check
+
 RANKS_FILE = "tokenizer.tiktoken"  # ranks file name inside a dataset folder
 # GPT-2's pre-tokenizer: contractions, letter runs, digit runs and punctuation runs (each with at most one
 # leading space), then whitespace. Merges never cross these pieces, for GPT-2 and for our own BPE alike.
@@ -222,8 +224,7 @@ def train_bpe(text: str, vocab_size: int) -> list[tuple[int, int]]:
     the top pair. A pair whose bytes already form a token (e.g. "a"+"bc" after "ab"+"c") is merged into that
     token without taking a new rank. A corpus with too few distinct pairs is a ValueError.
     """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
-        raise ValueError(f"bpe vocab_size must be an integer >= 257 (256 bytes + 1 merge), got {vocab_size!r}")
+    check("bpe vocab_size", vocab_size, int, 257)  # 256 bytes + 1 merge
     words = pretokenize(text)
     seqs = [list(w.encode("utf-8")) for w in words]
     freqs = list(words.values())
