@@ -39,7 +39,7 @@ PRESETS = {
     # tokens_per_param centres each ladder; 200, not Chinchilla's 20: at these budgets the measured optima sit
     # at 100-500 tokens per parameter (docs/scaling.md), and 20 pushes the ladders above them
     "tiny": {"config": "configs/scaling_tiny.toml", "budgets": (3e9, 1e10), "sizes": 3, "tokens_per_param": 200},
-    "default": {"config": "configs/scaling_pydoc.toml", "budgets": (3e10, 1e11, 3e11), "sizes": 5,
+    "default": {"config": "configs/scaling_pydoc.toml", "budgets": (1e11, 3e11, 1e12), "sizes": 5,
                 "tokens_per_param": 200},
 }
 LADDER_KEYS = ("n_layer", "n_head", "n_embd")  # set by the family, not by overrides
