@@ -30,7 +30,7 @@ from model.config import GPTConfig, TrainConfig, build, help_lines, parse_overri
 from model.flops import peaks
 from model.flops.formulas import train_step_flops
 from model.flops.planner import plan_run
-from model.training.checkpoint import (FORMAT, NonFiniteStateError, atomic_write, load_checkpoint, load_weights,
+from model.training.checkpoint import (FORMAT, FORMATS, NonFiniteStateError, atomic_write, load_checkpoint, load_weights,
                                        rng_state, save_checkpoint, set_rng_state)
 from model.training.data import Batches, ensure_dataset, load_meta
 from model.training.lock import OutDirLock
@@ -327,7 +327,7 @@ def open_resume_checkpoint(run: Run) -> dict | None:
                              f"it or --overwrite to start afresh")
         return None
     ckpt = load_checkpoint(path)
-    if ckpt.get("format") != FORMAT:
+    if ckpt.get("format") not in FORMATS:
         raise ValueError(f"{path}: not a flopgpt checkpoint")
     now = to_dict(run.model_cfg)
     if ckpt["model_config"] != now:

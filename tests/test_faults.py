@@ -4,6 +4,7 @@ import errno
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -89,6 +90,93 @@ def test_two_thousand_flipped_bytes_are_refused(tmp_path):
         verify_archive(path)
     with pytest.raises(ValueError, match=rf"^{path}: corrupt checkpoint"):
         load_checkpoint(path)
+
+
+def same_values(a, b) -> bool:
+    """Equal as loaded: tensors of the same dtype, shape and bytes; everything else equal (NaN equal NaN)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a.view(torch.uint8) if a.dim() else a,
+                                                       b.view(torch.uint8) if b.dim() else b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and (a == b or (a != a and b != b))
+
+
+def central_directory_entry(path: Path, member: str) -> int:
+    """Offset of member's record in the zip's central directory (46 fixed bytes, then the name)."""
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as z:
+        at = z.start_dir
+    while raw[at:at + 4] == b"PK\x01\x02":
+        name_len, extra_len, comment_len = (int.from_bytes(raw[at + k:at + k + 2], "little") for k in (28, 30, 32))
+        if raw[at + 46:at + 46 + name_len].decode(errors="replace").endswith(member):
+            return at
+        at += 46 + name_len + extra_len + comment_len
+    raise LookupError(member)
+
+
+def flip_outcome(path: Path, good: bytes, reference: dict, byte: int, bit: int) -> str:
+    """Load path with one bit flipped: "refused" (one line naming the file) or "harmless" (loads the
+    reference's values exactly); anything else fails the test."""
+    raw = bytearray(good)
+    raw[byte] ^= 1 << bit
+    path.write_bytes(raw)
+    try:
+        loaded = load_checkpoint(path)
+    except ValueError as e:  # CorruptCheckpointError is one
+        assert str(e).startswith(f"{path}: ") and "\n" not in str(e), (byte, bit, str(e))
+        return "refused"
+    assert same_values(loaded, reference), f"byte {byte} bit {bit} loads different values"
+    return "harmless"
+
+
+def test_every_single_bit_flip_is_refused_or_changes_nothing(tmp_path):
+    """Random flips over the whole file, and more over the zip's headers (the bytes CRCs do not cover): each
+    is refused as one ValueError naming the file, or loads exactly the saved values; no other exception."""
+    path = save_checkpoint(tiny_state(), tmp_path / "last.pt")
+    good = path.read_bytes()
+    reference = load_checkpoint(path)
+    rng = random.Random(22)
+    with zipfile.ZipFile(path) as z:
+        start = z.start_dir  # the central directory: how every member is to be read
+    positions = [rng.randrange(len(good)) for _ in range(300)] + \
+        [rng.randrange(start, len(good)) for _ in range(300)]
+    outcomes = [flip_outcome(path, good, reference, byte, rng.randrange(8)) for byte in positions]
+    assert outcomes.count("refused") > len(outcomes) // 2
+
+
+def test_a_central_directory_flip_that_makes_a_tensor_load_as_zeros_is_refused(tmp_path):
+    """Bit 4 of a member's external attributes (MS-DOS "directory") makes torch's zip reader return zeros for
+    it, while every CRC still matches: the tensor digests refuse it."""
+    path = save_checkpoint(tiny_state(), tmp_path / "last.pt")
+    good = path.read_bytes()
+    reference = load_checkpoint(path)
+    for member in ("archive/data/0", "archive/data/3"):
+        at = central_directory_entry(path, member) + 38  # external file attributes, 4 bytes
+        assert flip_outcome(path, good, reference, at, 4) == "refused"
+        with pytest.raises(ValueError, match=rf"^{path}: corrupt checkpoint: .* does not match its sha256 digest$"):
+            load_checkpoint(path)
+        with pytest.raises(ValueError, match=rf"^{path}: corrupt checkpoint"):
+            GPT.from_pretrained(path)
+
+
+def test_zip_reader_errors_are_one_corrupt_checkpoint_error(tmp_path):
+    """A flag that claims encryption or strong encryption, a bad compression method: the zip reader's own
+    exception types (RuntimeError, NotImplementedError, BadZipFile) become one line naming the file."""
+    path = save_checkpoint(tiny_state(), tmp_path / "last.pt")
+    good = path.read_bytes()
+    at = central_directory_entry(path, "archive/data/0")
+    for offset, value in ((8, 0x01), (8, 0x40), (10, 0x63)):  # flags: encrypted, strong encryption; method
+        raw = bytearray(good)
+        raw[at + offset] |= value
+        path.write_bytes(raw)
+        for load in (load_checkpoint, GPT.from_pretrained):
+            with pytest.raises(ValueError, match=rf"^{path}: corrupt checkpoint \((RuntimeError|NotImplementedError|"
+                                                 r"BadZipFile)"):
+                load(path)
 
 
 def test_non_finite_weights_or_moments_are_never_saved(tmp_path):

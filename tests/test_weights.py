@@ -262,7 +262,7 @@ class Evil:
 
 def test_pickled_objects_are_refused(tmp_path):
     torch.save({"model_args": {}, "model": {}, "extra": Evil()}, tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="evil.pt.*weights_only"):
+    with pytest.raises(ValueError, match=r"evil.pt: refusing to load: the file holds pickled objects, .*Evil"):
         GPT.from_pretrained(tmp_path / "evil.pt")
 
 

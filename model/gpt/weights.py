@@ -7,14 +7,13 @@ Hugging Face GPT-2 stores its four matmul weights per block as Conv1D, shaped (i
 from __future__ import annotations
 
 import dataclasses
-import zipfile
 from pathlib import Path
-from zlib import error as zlib_error
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..config import GPTConfig, read_json
+from .integrity import read_checkpoint
 
 if TYPE_CHECKING:  # for annotations only: the loaders build whatever class they are given
     from .gpt import GPT
@@ -174,28 +173,9 @@ def save_nanogpt(model: GPT, file: str | Path, **extra) -> None:
     torch.save({"model_args": args, "model": model.state_dict(), **extra}, file)
 
 
-# ----------------------------------------------------------------------------------------------------
-
-def verify_archive(path: str | Path) -> None:
-    """Check every member of a torch zip archive against its CRC-32 (torch.load checks none of them), so
-    flipped bits or a torn copy are a ValueError naming the file and the damaged member."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, zlib_error) as e:
-        raise ValueError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from None
-    if bad is not None:
-        raise ValueError(f"{path}: corrupt checkpoint: {bad} fails its CRC-32 check")
-
-
-
 def _torch_load(file: Path):
-    if zipfile.is_zipfile(file):  # torch.save's zip format; the legacy format carries no CRCs to check
-        verify_archive(file)
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling errors come in many types; all mean "not a checkpoint we can read"
-        raise ValueError(f"{file}: cannot be read as a torch checkpoint with weights_only=True ({e})") from None
+    # torch.save's zip format is CRC- and digest-checked; the legacy format carries no CRCs to check
+    return read_checkpoint(file, zip_only=False)
 
 
 def _canonical(key: str) -> str:

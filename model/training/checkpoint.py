@@ -11,13 +11,11 @@ from __future__ import annotations
 import errno
 import glob
 import os
-import pickle
 import random
 import re
+import secrets
 import shutil
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,10 +24,11 @@ import torch
 
 from ..config import GPTConfig
 from ..gpt.gpt import GPT
-from ..gpt.weights import verify_archive
+from ..gpt.integrity import DIGEST_KEY, CorruptCheckpointError, read_checkpoint, verify_archive, with_digest
 from .memory import check_fits, weights_bytes
 
-FORMAT = "flopgpt-1"
+FORMAT = "flopgpt-2"  # with a digest of every tensor and of the metadata (model/gpt/integrity.py)
+FORMATS = ("flopgpt-1", FORMAT)  # flopgpt-1: the same keys, no digest (CRC-checked only)
 
 
 class NonFiniteStateError(ValueError):
@@ -59,6 +58,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     bad = non_finite_tensor(state)
     if bad is not None:
         raise NonFiniteStateError(f"not saving {path}: {bad} holds NaN or infinite values")
+    state = with_digest(state)
     return atomic_write(path, lambda f: torch.save(state, f), what="checkpoint")
 
 
@@ -74,8 +74,10 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], what: str = "fi
         raise IsADirectoryError(errno.EISDIR, f"{what} path {path} is a directory, not a file")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(path)
-    # the writer's pid in the name lets a later save tell a dead writer's leftover from a live writer's file
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = _create_temp(path)
+    except OSError as e:  # a read-only folder, a full inode table
+        raise _write_error(path, e, what) from e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -96,6 +98,18 @@ def atomic_write(path: str | Path, write: Callable[[Any], None], what: str = "fi
     finally:
         os.close(dir_fd)
     return path
+
+
+def _create_temp(path: Path) -> tuple[int, str]:
+    """A new file beside path, created with mode 0666 less the user's umask, as open() would create path
+    itself (tempfile's are 0600). The writer's pid in the name lets a later save tell a dead writer's
+    leftover from a live writer's file."""
+    while True:
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
 
 
 def _write_error(path: Path, e: Exception, what: str) -> OSError:
@@ -142,28 +156,19 @@ def process_exists(pid: int) -> bool:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict safely after verifying its integrity; every failure is a ValueError or
-    FileNotFoundError naming the file."""
+    """Load a checkpoint dict safely after verifying its integrity (model/gpt/integrity.py: the archive's
+    CRCs, then the digests of every tensor and of the metadata against what loaded); every failure is a
+    ValueError (CorruptCheckpointError for damage) or FileNotFoundError naming the file."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"checkpoint path {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is torn or foreign
-        raise ValueError(f"{path}: truncated or corrupt checkpoint (not a torch zip archive)")
-    verify_archive(path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise ValueError(f"{path}: truncated or corrupt checkpoint ({e})") from None
-        culprit = re.search(r"GLOBAL (\S+)", str(e))
-        raise ValueError(f"{path}: refusing to load: the file holds pickled objects, not only tensors and "
-                         f"plain data ({culprit.group(1) if culprit else 'unsupported object'})") from None
-    except Exception as e:  # the loader raises many types on torn data: all mean the same to the user
-        raise ValueError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {e})") from None
+    ckpt = read_checkpoint(path, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"{path}: not a checkpoint (expected a dict with a 'model' state dict)")
+    if ckpt.get("format") == FORMAT and DIGEST_KEY not in ckpt:
+        raise CorruptCheckpointError(f"{path}: corrupt checkpoint: a {FORMAT} checkpoint without its digest")
     return ckpt
 
 
@@ -208,7 +213,7 @@ def load_weights(model: GPT, state: dict[str, torch.Tensor], path: str | Path = 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
     """(model in eval mode, info) from a flopgpt checkpoint; info has meta, dataset, step, configs."""
     ckpt = load_checkpoint(path, map_location="cpu")
-    if ckpt.get("format") != FORMAT:
+    if ckpt.get("format") not in FORMATS:
         raise ValueError(f"{path}: not a flopgpt checkpoint (format {ckpt.get('format')!r}); "
                          f"for nanoGPT or Hugging Face weights use GPT.from_pretrained")
     model = model_from_checkpoint(ckpt, path, device).eval()
