@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import model.training.checkpoint as checkpoint
-import model.training.memory as memory
+import model.gpt.memory as memory
+import model.training.memory as train_memory
 import train as train_mod
 from model import GPT, GPTConfig, TrainConfig
 from model.training.checkpoint import (NonFiniteStateError, load_checkpoint, model_from_checkpoint,
@@ -280,7 +281,7 @@ def test_param_count_matches_the_built_model(cfg):
 def test_training_estimate_by_hand_and_refusal_names_the_figures(monkeypatch):
     cfg = GPTConfig(vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=16)
     n = GPT(cfg).num_params()
-    parts = memory.training_bytes(cfg, batch_size=4)
+    parts = train_memory.training_bytes(cfg, batch_size=4)
     assert parts == {"parameters": 4 * n, "gradients": 4 * n, "AdamW moments": 8 * n,
                      "activations": 4 * 4 * 32 * (16 * 2 * 16 + 2 * 100)}
     monkeypatch.setattr(memory, "machine_memory", lambda device="cpu": (2**30, "physical memory"))
@@ -291,7 +292,7 @@ def test_training_estimate_by_hand_and_refusal_names_the_figures(monkeypatch):
                        match=r"^training needs at least 462,532\.1 GiB \(parameters 1,192\.1 GiB, gradients "
                              r"1,192\.1 GiB, AdamW moments 2,384\.2 GiB, activations 457,763\.7 GiB\), more than "
                              r"the 1\.0 GiB of physical memory on this machine$"):
-        memory.check_fits(memory.training_bytes(huge, 12), "training")
+        memory.check_fits(train_memory.training_bytes(huge, 12), "training")
     assert memory.check_fits(parts, "training") == sum(parts.values())
 
 
@@ -313,6 +314,20 @@ def test_a_checkpoint_config_too_big_to_build_is_refused_before_allocating(tmp_p
     with pytest.raises(ValueError, match=rf"^the model of {tmp_path / 'x.pt'} needs at least 2,861,\d{{3}}\.\d GiB "
                                          r"\(parameters"):
         model_from_checkpoint(ckpt, tmp_path / "x.pt")
+    assert time.perf_counter() - t0 < 2
+
+
+@pytest.mark.parametrize("model_config", [{"n_layer": 10**7, "n_embd": 4096, "n_head": 8},
+                                          {"n_embd": 10**9, "n_head": 1}])
+def test_from_pretrained_refuses_a_config_too_big_before_allocating(model_config, tmp_path, monkeypatch):
+    monkeypatch.setattr(memory, "machine_memory", lambda device="cpu": (2**34, "physical memory"))
+    state = tiny_state()
+    state["model_config"] = {**state["model_config"], **model_config}
+    path = save_checkpoint(state, tmp_path / "big.pt")
+    t0 = time.perf_counter()
+    with pytest.raises(memory.InsufficientMemoryError, match=rf"^the model of {path} needs at least [\d,.]+ GiB "
+                                                            r"\(parameters [\d,.]+ GiB\), more than the 16.0 GiB"):
+        GPT.from_pretrained(path)
     assert time.perf_counter() - t0 < 2
 
 
@@ -546,6 +561,8 @@ def ckpt_with(tmp_path, **model_config) -> Path:
     ({"vocab_size": 5_000_000_000}, r"training .* needs at least [\d,.]+ GiB \(parameters"),
     # 4 B x 1e7·16 tokens x (16 values x 1 layer x 16 wide + 2 x 24, the tiny dataset's vocabulary) = 181.2 GiB
     ({"batch_size": 10_000_000}, r"needs at least 181\.2 GiB \(activations 181\.2 GiB\), more than the 16\.0 GiB"),
+    # tensors torch cannot describe (over 2^63 bytes): the estimate, not "Storage size calculation overflowed"
+    ({"n_embd": 1_000_000_000, "n_head": 1}, r"training .* needs at least [\d,.]+ GiB \(parameters"),
     ({"seed": 10**20}, r"seed must be in \[0, 9223372036854775806\], got 100000000000000000000"),
     ({"out_dir": ""}, r"out_dir is empty"),
     ({"out_dir": "/dev/null"}, r"out_dir /dev/null exists and is not a folder"),

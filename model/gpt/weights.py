@@ -14,6 +14,7 @@ import torch
 
 from ..config import GPTConfig, read_json
 from .integrity import read_checkpoint
+from .memory import check_fits, weights_bytes
 
 if TYPE_CHECKING:  # for annotations only: the loaders build whatever class they are given
     from .gpt import GPT
@@ -52,7 +53,9 @@ def load_checkpoint_file(cls: type[GPT], file: str | Path) -> GPT:
     ckpt = _torch_load(file)
     if isinstance(ckpt, dict) and "model" in ckpt and ("model_config" in ckpt or "model_args" in ckpt):
         key = "model_config" if "model_config" in ckpt else "model_args"  # train.py's, nanoGPT's
-        model = cls(_config_from_args(ckpt[key], file, key))
+        config = _config_from_args(ckpt[key], file, key)
+        check_fits(weights_bytes(config), f"the model of {file}")  # before a config of 10^7 layers allocates
+        model = cls(config)
         _load_state(model, ckpt["model"], file)
         return model
     keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -138,6 +141,7 @@ def load_hf_gpt2(cls: type[GPT], folder: str | Path) -> GPT:
     config_file = folder / "config.json"
     hf = read_json(config_file, f"Hugging Face folder has no config.json: {config_file}")
     config = config_from_hf(hf, str(config_file))
+    check_fits(weights_bytes(config), f"the model of {config_file}")
     state, file = _read_hf_weights(folder)
     model = cls(config)
     _load_state(model, state, file, transpose=CONV1D)

@@ -18,34 +18,11 @@ refusal is certain and a config that passes can still be tight.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import replace
-from pathlib import Path
-
-import torch
-
 from ..config import GPTConfig
-from ..gpt.gpt import GPT
+from ..gpt.memory import (FLOAT32, InsufficientMemoryError, check_fits, gib, machine_memory,  # noqa: F401
+                          param_count, weights_bytes)
 
-FLOAT32 = 4
 INT64 = 8
-CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
-
-
-class InsufficientMemoryError(ValueError):
-    """A config needs more memory than the machine has."""
-
-
-def param_count(cfg: GPTConfig) -> int:
-    """Parameters of GPT(cfg), without allocating them and in constant time for any n_layer."""
-    with torch.device("meta"):
-        one = GPT(replace(cfg, n_layer=1))
-    per_block = sum(p.numel() for p in one.transformer.h[0].parameters())
-    return one.num_params() + (cfg.n_layer - 1) * per_block
-
-
-def weights_bytes(cfg: GPTConfig, itemsize: int = FLOAT32) -> dict[str, int]:
-    return {"parameters": param_count(cfg) * itemsize}
 
 
 def training_bytes(cfg: GPTConfig, batch_size: int, itemsize: int = FLOAT32) -> dict[str, int]:
@@ -64,37 +41,3 @@ def sampling_bytes(cfg: GPTConfig, rows: int, total_len: int, *, use_cache: bool
     cache = 2 * cfg.n_layer * rows * window * cfg.n_embd * itemsize if use_cache else 0
     return {"parameters": weights_bytes(cfg, itemsize)["parameters"], "KV cache": cache * (2 if beams else 1),
             "tokens": rows * total_len * INT64, "logits": rows * cfg.vocab_size * itemsize}
-
-
-def machine_memory(device: str | torch.device = "cpu") -> tuple[int, str]:
-    """(bytes, where the figure comes from): the GPU's total memory, else the smaller of the machine's RAM
-    and the cgroup (container) limit."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        _, total = torch.cuda.mem_get_info(device)
-        return total, f"{torch.cuda.get_device_name(device)} total memory"
-    best = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "physical memory"
-    for path in CGROUP_LIMITS:
-        try:
-            limit = int(path.read_text().strip())
-        except (OSError, ValueError):  # absent, or "max": no limit
-            continue
-        if limit < best[0]:
-            best = limit, f"container limit ({path})"
-    return best
-
-
-def gib(n: float) -> str:
-    return f"{n / 2**30:,.1f} GiB"
-
-
-def check_fits(parts: dict[str, int], what: str, device: str | torch.device = "cpu") -> int:
-    """Raise InsufficientMemoryError naming every figure when the parts add up to more than the machine's
-    memory; returns the total."""
-    total = sum(parts.values())
-    have, source = machine_memory(device)
-    if total > have:
-        detail = ", ".join(f"{name} {gib(n)}" for name, n in parts.items() if n >= 2**30 / 20)  # >= 0.05 GiB
-        raise InsufficientMemoryError(f"{what} needs at least {gib(total)} ({detail}), more than the "
-                                      f"{gib(have)} of {source} on this machine")
-    return total
