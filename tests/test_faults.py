@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -605,6 +606,29 @@ def test_bit_flipped_checkpoint_is_refused_by_sample_and_resume(dataset, tmp_pat
     assert "fails its CRC-32 check" in one_error_line(capsys.readouterr().err, "sample.py")
     assert train_mod.main(cli_args(dataset, out, resume=True)) == 2
     assert f"{path}: corrupt checkpoint" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"tokenizer": "zzz"}, r"tokenizer must be one of \('char', 'gpt2', 'bpe'\), got 'zzz'"),
+    ({"chars": None}, r"chars must be a list of single characters, got None"),
+    ({"chars": ["a", "bb"]}, r"chars must be a list of single characters"),
+    ({"train_tokens": "418543"}, r"train_tokens must be a positive integer, got '418543'"),
+    ({"val_tokens": 0}, r"val_tokens must be a positive integer, got 0"),
+    ({"vocab_size": 70_000}, r"vocab_size must be in \[1, 65536\], got 70000"),
+    ({"vocab_size": True}, r"vocab_size must be in \[1, 65536\], got True"),
+    ({"dtype": None}, r"dtype must be one of \('uint16', 'uint32'\), got None"),
+    ({"text_sha256": 12}, r"text_sha256 must be 64 hex digits, got 12"),
+    ({"source": ["file"]}, r"source must be one of"),
+])
+def test_a_damaged_meta_json_is_refused_naming_the_file_and_key(change, match, dataset, tmp_path, capsys):
+    copy = tmp_path / "ds"
+    shutil.copytree(dataset, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps({**meta, **change}))
+    assert train_mod.main(cli_args(copy, tmp_path / "o")) == 2
+    assert re.search(rf"^train.py: error: {re.escape(str(copy / 'meta.json'))}: {match}",
+                     one_error_line(capsys.readouterr().err))
+    assert not (tmp_path / "o").exists()
 
 
 def test_token_ids_beyond_the_vocabulary_are_refused_before_training(dataset, tmp_path, capsys):

@@ -11,6 +11,7 @@ import ctypes
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -22,7 +23,7 @@ import torch
 
 from ..config import check, read_json
 from .tokenizer import (RANKS_FILE, TOKENIZERS, CharTokenizer, TiktokenTokenizer, Tokenizer, bpe_tokenizer,
-                        gpt2_tokenizer, sha256_file)
+                        check_tokenizer_meta, gpt2_tokenizer, sha256_file)
 
 DEFAULT_DATASET = "data/pydoc_char"
 SOURCES = ("pydoc", "file", "shakespeare")
@@ -33,13 +34,35 @@ DTYPES = ("uint16", "uint32")
 
 
 def load_meta(dataset_dir: str | Path) -> dict:
-    """The dataset's meta.json (tokenizer description, vocab_size, dtype)."""
+    """The dataset's meta.json (tokenizer description, vocab_size, dtype, split sizes), every key checked."""
     path = Path(dataset_dir) / "meta.json"
     meta = read_json(path, f"dataset meta.json not found: {path} (run `python data/prepare.py`)")
+    check_meta(meta, path)
+    return meta
+
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def check_meta(meta: dict, path: str | Path) -> None:
+    """A ValueError naming the file and the key for a key missing, of the wrong type or out of range; the
+    tokenizer's own keys are checked by check_tokenizer_meta. Keys meta.json does not define are ignored."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     for key in ("vocab_size", "dtype", "tokenizer"):
         if key not in meta:
             raise ValueError(f"{path}: missing key {key!r}")
-    return meta
+    check(f"{path}: dtype", meta["dtype"], choices=DTYPES)
+    check(f"{path}: vocab_size", meta["vocab_size"], int, 1, np.iinfo(meta["dtype"]).max + 1)
+    check_tokenizer_meta(meta, path)
+    for key in ("train_tokens", "val_tokens", "text_chars"):
+        if key in meta:
+            check(f"{path}: {key}", meta[key], int, 1)
+    for key, ok, what in (("source", lambda v: v in SOURCES, f"one of {SOURCES}"),
+                          ("input", lambda v: isinstance(v, str), "a path (string)"),
+                          ("text_sha256", lambda v: isinstance(v, str) and SHA256_HEX.fullmatch(v), "64 hex digits")):
+        if key in meta and not ok(meta[key]):
+            raise ValueError(f"{path}: {key} must be {what}, got {meta[key]!r}")
 
 
 def open_split(dataset_dir: str | Path, split: str) -> np.memmap:

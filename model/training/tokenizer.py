@@ -322,15 +322,43 @@ def _ranks_for(meta: dict, dataset_dir: str | Path | None, bpe_file: str | Path 
                             f"(pass the dataset folder that holds it, or bpe_file / --bpe-file)")
 
 
+def check_tokenizer_meta(meta: dict, where: str | Path = "meta") -> None:
+    """The tokenizer's keys of a meta dict, each checked for its type and range (a ValueError naming `where`
+    and the key): its name; char: `chars`, distinct single characters, one per id; gpt2/bpe: the ranks
+    file's name and sha256, the end-of-text id, bpe's merges (pairs of earlier ids)."""
+    name = meta.get("tokenizer")
+    check(f"{where}: tokenizer", name, choices=TOKENIZERS)
+    vocab = meta.get("vocab_size")
+    if name == "char":
+        chars = meta.get("chars")
+        if not isinstance(chars, list) or not chars or not all(isinstance(c, str) and len(c) == 1 for c in chars):
+            raise ValueError(f"{where}: chars must be a list of single characters, got {str(chars)[:60]}")
+        if len(set(chars)) != len(chars) or (isinstance(vocab, int) and len(chars) != vocab):
+            raise ValueError(f"{where}: chars must hold vocab_size={vocab} distinct characters, "
+                             f"got {len(chars)} ({len(set(chars))} distinct)")
+        return
+    for key in ("ranks_file", "ranks_sha256"):
+        if key in meta and not isinstance(meta[key], str):
+            raise ValueError(f"{where}: {key} must be a string, got {meta[key]!r}")
+    if not isinstance(meta.get("ranks_sha256"), str) or len(meta["ranks_sha256"]) != 64:
+        raise ValueError(f"{where}: ranks_sha256 must be the 64-hex-digit sha256 of the ranks, "
+                         f"got {meta.get('ranks_sha256')!r}")
+    if meta.get("eot_token_id") is not None:
+        check(f"{where}: eot_token_id", meta["eot_token_id"], int, 0, (vocab if isinstance(vocab, int) else 2**32) - 1)
+    merges = meta.get("merges")
+    if merges is not None and not (isinstance(merges, list) and all(
+            isinstance(m, list) and len(m) == 2 and all(isinstance(i, int) and not isinstance(i, bool)
+                                                       and 0 <= i < 256 + k for i in m)
+            for k, m in enumerate(merges))):
+        raise ValueError(f"{where}: merges must be a list of [id, id] pairs of earlier tokens")
+
+
 def load_tokenizer(meta: dict, dataset_dir: str | Path | None = None,
                    bpe_file: str | Path | None = None) -> Tokenizer:
     """Rebuild the tokenizer a dataset's (or a checkpoint's) meta dict describes."""
-    name = meta.get("tokenizer")
-    if name not in TOKENIZERS:
-        raise ValueError(f"unknown tokenizer {name!r}; expected one of {', '.join(TOKENIZERS)}")
+    check_tokenizer_meta(meta, Path(dataset_dir) / "meta.json" if dataset_dir is not None else "meta")
+    name = meta["tokenizer"]
     if name == "char":
-        if "chars" not in meta:
-            raise ValueError("char meta lacks 'chars'")
         tok: Tokenizer = CharTokenizer(meta["chars"])
     else:
         ranks = _ranks_for(meta, dataset_dir, bpe_file)
