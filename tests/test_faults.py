@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from dataclasses import replace
@@ -675,3 +676,133 @@ def test_flops_sizes_are_refused_before_building_anything(args, match, capsys):
     assert flops.main(args) == 2
     assert re.search(match, one_error_line(capsys.readouterr().err, "flops.py"))
     assert time.perf_counter() - t0 < 2  # nothing was built or traced
+
+
+# ----------------------------------------------------------------------------------------------------
+# Library: a run's outputs replaced only after the new run saved, sweep records, children, file modes
+
+from model.training import outputs, sweep  # noqa: E402
+from model.training.checkpoint import atomic_write  # noqa: E402
+
+
+def old_run(out: Path, with_last: bool = True) -> dict[str, bytes]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"best.pt": b"best", "metrics.jsonl": b'{"step": 1}\n', "loss.png": b"png"}
+    if with_last:
+        files["last.pt"] = b"last"
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return files
+
+
+def files_in(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("with_last", [True, False])
+def test_a_replaced_run_comes_back_until_the_new_run_has_saved(tmp_path, with_last):
+    out = tmp_path / "run"
+    old = old_run(out, with_last)
+    for name in outputs.ARTEFACTS:
+        if (out / name).exists():
+            with pytest.raises(ValueError, match=rf"^{out} already holds a run \(.*{name}.*\); pass --resume"):
+                outputs.check_artefacts(out, resume=False, overwrite=False)
+    assert sorted(outputs.set_aside(out)) == sorted(old)
+    assert files_in(out) == {}
+    (out / "metrics.jsonl").write_bytes(b'{"step": 0}\n')  # the new run, killed before its first save
+    (out / "best.pt").write_bytes(b"new best")
+    assert outputs.recover(out).startswith(f"{out}: put back the previous run's files")
+    assert files_in(out) == old and not (out / outputs.REPLACED).exists()
+    outputs.set_aside(out)  # again, and this time the new run saves
+    (out / "last.pt").write_bytes(b"new last")
+    assert outputs.recover(out).startswith(f"removed {out / outputs.REPLACED}")
+    assert files_in(out) == {"last.pt": b"new last"}
+
+
+def test_a_kill_while_setting_aside_loses_nothing(tmp_path, monkeypatch):
+    """Killed after moving last.pt (first) and before the rest: the next start puts everything back."""
+    out = tmp_path / "run"
+    old = old_run(out)
+    real = os.replace
+    moved = []
+
+    def dying_replace(a, b):
+        if Path(b).name == outputs.MANIFEST:
+            return real(a, b)
+        if moved:
+            raise KeyboardInterrupt  # stands in for SIGKILL between two renames
+        moved.append(a)
+        real(a, b)
+    monkeypatch.setattr(outputs.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.set_aside(out)
+    monkeypatch.setattr(outputs.os, "replace", real)
+    assert moved == [out / "last.pt"]
+    outputs.recover(out)
+    assert files_in(out) == old
+
+
+def test_results_torn_last_line_and_duplicates_are_dropped_with_notes(tmp_path):
+    path = tmp_path / "results.jsonl"
+    a, b = {"id": "a", "val_loss": 1.0}, {"id": "b", "val_loss": 2.0}
+    path.write_text(json.dumps(a) + "\n" + json.dumps(b) + "\n" + json.dumps({**a, "val_loss": 9.0}) + "\n"
+                    + '{"id": "c", "val_lo')
+    records, notes = sweep.read_results(path)
+    assert records == [a, b]
+    assert notes == [f"{path}:3: dropped a second record of run a (first on line 1)",
+                     f"{path}:4: dropped a torn last line (a crash while writing it)"]
+    sweep.repair_results(path, records)
+    sweep.append_result(path, {"id": "c", "val_loss": 3.0})
+    with pytest.raises(ValueError, match=rf"^{path}: run b is recorded already$"):
+        sweep.append_result(path, {"id": "b", "val_loss": 5.0})
+    assert sweep.read_results(path) == ([a, b, {"id": "c", "val_loss": 3.0}], [])
+    path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match=rf"^{path}:2: not valid JSON"):
+        sweep.read_results(path)
+
+
+def test_a_child_stops_when_its_parent_is_killed(tmp_path):
+    """The parent starts a child with start_child and is killed with SIGKILL: the child gets SIGTERM."""
+    code = ("import sys, time, signal\n"
+            "from model.training.sweep import start_child\n"
+            "child = start_child([sys.executable, '-c', 'import signal, sys, time\\n"
+            "signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1], \"w\").write(\"term\"), sys.exit(0)))\\n"
+            "print(\"ready\", flush=True)\\ntime.sleep(60)', sys.argv[1]], sys.stdout, None)\n"
+            "time.sleep(60)\n")
+    flag = tmp_path / "flag"
+    parent = subprocess.Popen([sys.executable, "-c", code, str(flag)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline().strip() == "ready"
+    parent.kill()
+    parent.wait()
+    wait_for(lambda: flag.exists(), timeout=10)
+    assert flag.read_text() == "term"
+
+
+def test_the_lock_waits_for_its_holder_when_asked(tmp_path):
+    out = tmp_path / "run"
+    holder = hold_lock(out)
+    threading.Timer(0.5, holder.kill).start()
+    lock = OutDirLock(out, what="sweep").acquire(wait_s=20)
+    assert lock.fd is not None
+    lock.release()
+    holder.wait()
+    holder = hold_lock(out)
+    try:
+        with pytest.raises(OutDirInUseError, match=rf"^{out} is in use by another sweep"):
+            OutDirLock(out, what="sweep").acquire(wait_s=0.3)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_create_files_as_open_would(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        save_checkpoint(tiny_state(), tmp_path / "last.pt")
+        atomic_write(tmp_path / "metrics.jsonl", lambda f: f.write(b"{}\n"))
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"last.pt": 0o666 & ~umask, "metrics.jsonl": 0o666 & ~umask, "plain": 0o666 & ~umask}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from .checkpoint import process_exists
@@ -28,7 +29,10 @@ def check_out_dir(out_dir: str | Path) -> Path:
     path = Path(out_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"out_dir {path} exists and is not a folder")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only filesystem, no permission
+        raise OSError(e.errno, f"cannot create out_dir {path}: {e.strerror}") from None
     return path
 
 
@@ -36,25 +40,35 @@ class OutDirLock:
     """`with OutDirLock(out_dir) as lock:` holds out_dir/.lock for the block; lock.note says when a stale
     lock of a dead process was taken over."""
 
-    def __init__(self, out_dir: str | Path):
+    def __init__(self, out_dir: str | Path, what: str = "run"):
         self.path = check_out_dir(out_dir) / LOCK_NAME
         self.fd: int | None = None
         self.note = ""
+        self.what = what
 
-    def acquire(self) -> "OutDirLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'd children
+    def acquire(self, wait_s: float = 0.0) -> "OutDirLock":
+        """Take the lock; a live holder is an OutDirInUseError, after waiting up to wait_s for it to end."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_pid(fd)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'd children
+        except OSError as e:
+            raise OSError(e.errno, f"cannot open the lock file {self.path}: {e.strerror}") from None
+        deadline = time.monotonic() + wait_s
+        try:
+            while not _try_flock(fd):
+                if time.monotonic() >= deadline:
+                    holder = _read_pid(fd)
+                    raise OutDirInUseError(f"{self.path.parent} is in use by another {self.what} (pid "
+                                           f"{holder or 'unknown'} holds {self.path}); wait for it to end or choose "
+                                           f"another folder")
+                time.sleep(0.2)
+        except OutDirInUseError:
             os.close(fd)
-            raise OutDirInUseError(f"{self.path.parent} is in use by another run (pid {holder or 'unknown'} holds "
-                                   f"{self.path}); wait for it to end or choose another out_dir") from None
+            raise
         except OSError as e:
             os.close(fd)
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
-            self.note = f"{self.path}: the filesystem does not support locks; one run at a time is not enforced"
+            self.note = f"{self.path}: the filesystem does not support locks; one {self.what} at a time is not enforced"
             return self
         previous = _read_pid(fd)
         if previous and previous != os.getpid() and not process_exists(previous):
@@ -79,6 +93,15 @@ class OutDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _try_flock(fd: int) -> bool:
+    """True when this process now holds the lock, False while another holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _read_pid(fd: int) -> int | None:
