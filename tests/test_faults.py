@@ -64,22 +64,41 @@ def test_a_flipped_bit_in_the_weights_is_refused_naming_the_file(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[offset + size // 2] ^= 0x10  # one bit inside the first tensor's bytes: still a valid zip, valid floats
     path.write_bytes(raw)
-    with pytest.raises(ValueError, match=rf"^{path}: corrupt checkpoint: archive/data/0 fails its CRC-32 check$"):
+    with pytest.raises(ValueError, match=rf"^{path}: corrupt checkpoint: model.transformer.wte.weight does not "
+                                         rf"match its sha256 digest$"):
         load_checkpoint(path)
+    with pytest.raises(ValueError, match=rf"^{path}: corrupt checkpoint: archive/data/0 fails its CRC-32 check$"):
+        verify_archive(path)
 
 
 def test_from_pretrained_refuses_a_flipped_bit_too(tmp_path):
-    """GPT.from_pretrained reads checkpoints without model.training: it checks the same CRCs."""
+    """GPT.from_pretrained reads checkpoints without model.training: it checks the same digests."""
     path = save_checkpoint(tiny_state(), tmp_path / "last.pt")
     GPT.from_pretrained(path)  # intact: loads
     offset, size = member_offset(path, "/data/0")
     raw = bytearray(path.read_bytes())
     raw[offset + size // 2] ^= 0x10
     path.write_bytes(raw)
-    with pytest.raises(ValueError, match=rf"^{path}: corrupt checkpoint: archive/data/0 fails its CRC-32 check$"):
+    with pytest.raises(ValueError, match=rf"^{path}: corrupt checkpoint: model.transformer.wte.weight does not "
+                                         rf"match its sha256 digest$"):
         GPT.from_pretrained(path)
     with pytest.raises(ValueError, match=r"corrupt checkpoint"):
         GPT.from_pretrained(tmp_path)  # the out_dir form reads the same file
+
+
+def test_a_file_without_a_digest_has_every_crc_checked(tmp_path):
+    """nanoGPT's ckpt.pt (and flopgpt-1 checkpoints) carry no digest: every member's CRC-32 is checked."""
+    from model.gpt.weights import save_nanogpt
+    path = tmp_path / "ckpt.pt"
+    torch.manual_seed(0)
+    save_nanogpt(GPT(TINY), path)
+    GPT.from_pretrained(path)
+    offset, size = member_offset(path, "/data/0")
+    raw = bytearray(path.read_bytes())
+    raw[offset + size // 2] ^= 0x10
+    path.write_bytes(raw)
+    with pytest.raises(ValueError, match=rf"^{path}: corrupt checkpoint: \S+/data/0 fails its CRC-32 check$"):
+        GPT.from_pretrained(path)
 
 
 def test_two_thousand_flipped_bytes_are_refused(tmp_path):
@@ -178,7 +197,7 @@ def test_zip_reader_errors_are_one_corrupt_checkpoint_error(tmp_path):
         path.write_bytes(raw)
         for load in (load_checkpoint, GPT.from_pretrained):
             with pytest.raises(ValueError, match=rf"^{path}: corrupt checkpoint \((RuntimeError|NotImplementedError|"
-                                                 r"BadZipFile)"):
+                                                 r"BadZipFile): [^\n]*$"):
                 load(path)
 
 
@@ -196,6 +215,11 @@ def test_non_finite_weights_or_moments_are_never_saved(tmp_path):
         save_checkpoint(bad, path)
     assert path.read_bytes() == good  # the last good checkpoint is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    big = tiny_state(3)
+    big["model"]["transformer.h.0.mlp.c_fc.weight"].fill_(3e38)  # finite, but its sum overflows to inf
+    assert non_finite_tensor(big) is None
+    big["model"]["transformer.h.0.mlp.c_fc.weight"][1, 1] = -float("inf")
+    assert non_finite_tensor(big) == "model.transformer.h.0.mlp.c_fc.weight"
 
 
 def test_a_directory_named_like_the_checkpoint_is_one_clear_error(tmp_path):
@@ -604,7 +628,8 @@ def test_bit_flipped_checkpoint_is_refused_by_sample_and_resume(dataset, tmp_pat
     path.write_bytes(raw)
     capsys.readouterr()
     assert sample.main(["--ckpt", str(path), "--max-new-tokens", "2", "--device", "cpu"]) == 2
-    assert "fails its CRC-32 check" in one_error_line(capsys.readouterr().err, "sample.py")
+    assert f"{path}: corrupt checkpoint: model.transformer.wte.weight does not match its sha256 digest" in \
+        one_error_line(capsys.readouterr().err, "sample.py")
     assert train_mod.main(cli_args(dataset, out, resume=True)) == 2
     assert f"{path}: corrupt checkpoint" in one_error_line(capsys.readouterr().err)
 
