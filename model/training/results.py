@@ -1,5 +1,4 @@
-"""A sweep's files and processes (scaling.py): results.jsonl read and appended safely, train.py children
-that stop with their parent.
+"""A sweep's results.jsonl (scaling.py), read and appended safely.
 
 results.jsonl holds one JSON record per finished run, unique by its point id. A last line cut short (a crash
 while appending it) is dropped with a note, and repaired on the next sweep's start; a record of an id seen
@@ -8,12 +7,8 @@ OutDirLock (model/training/lock.py) while it writes.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from .checkpoint import atomic_write
@@ -67,23 +62,3 @@ def append_result(path: str | Path, rec: dict) -> None:
             os.fsync(f.fileno())
     except OSError as e:
         raise OSError(e.errno, f"could not write results file {path}: {e.strerror}") from None
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def _stop_with_parent(parent: int) -> None:
-    """In the child, before exec: the kernel sends SIGTERM when the parent dies (Linux), so train.py saves
-    and exits instead of running on as an orphan that holds its out_dir's lock."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(143)
-
-
-def start_child(cmd: list[str], log, env: dict) -> subprocess.Popen:
-    """Popen(cmd) with stdout and stderr to `log`, stopped (SIGTERM) when this process dies, even by
-    SIGKILL."""
-    parent = os.getpid()
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            preexec_fn=lambda: _stop_with_parent(parent))
