@@ -831,3 +831,202 @@ def test_atomic_writes_create_files_as_open_would(tmp_path, umask):
         os.umask(old)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {"last.pt": 0o666 & ~umask, "metrics.jsonl": 0o666 & ~umask, "plain": 0o666 & ~umask}
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py: outputs kept until the new run saved, arguments checked first, stops between micro-batches
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in Path(out).iterdir() if p.is_file() and p.name != LOCK_NAME}
+
+
+@pytest.mark.parametrize("keep", [("best.pt", "metrics.jsonl"), ("metrics.jsonl",), ("best.pt",)])
+def test_a_folder_with_any_run_artefact_needs_resume_or_overwrite(keep, dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_mod.train(*configs(dataset, out, max_iters=3))
+    for name in {"last.pt", "best.pt", "metrics.jsonl"} - set(keep):
+        (out / name).unlink()
+    before = snapshot(out)
+    capsys.readouterr()
+    assert train_mod.main(cli_args(dataset, out, max_iters=10)) == 2
+    assert f"{out} already holds a run ({', '.join(keep)}); pass --resume" in one_error_line(capsys.readouterr().err)
+    assert snapshot(out) == before
+
+
+def test_overwrite_checks_every_argument_before_touching_the_old_run(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_mod.train(*configs(dataset, out, max_iters=3))
+    before = snapshot(out)
+    capsys.readouterr()
+    assert train_mod.main(cli_args(dataset, out, overwrite=True, peak_flops=1e-320)) == 2
+    assert "peak" in one_error_line(capsys.readouterr().err)
+    assert snapshot(out) == before
+
+
+KILL_AT_FIRST_SAVE = ("import os, runpy, sys, torch\n"
+                      "torch.save = lambda *a, **k: os._exit(9)  # SIGKILL's stand-in, at the new run's first save\n"
+                      "sys.argv = ['train.py', *sys.argv[1:]]\n"
+                      "runpy.run_path('train.py', run_name='__main__')\n")
+
+
+def test_overwrite_killed_before_its_first_save_keeps_the_old_run(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_mod.train(*configs(dataset, out, max_iters=4, eval_interval=2))
+    old = records(out)
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_FIRST_SAVE, *cli_args(dataset, out, overwrite=True,
+                                                                                  max_iters=3)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    capsys.readouterr()
+    assert train_mod.main(cli_args(dataset, out, resume=True, max_iters=6, eval_interval=2)) == 0
+    err = capsys.readouterr().err
+    assert f"{out}: put back the previous run's files" in err
+    now = records(out)
+    assert now[:len(old)] == old and now[len(old)]["step"] == 5  # the old run continued from its step 4
+
+
+def test_a_metrics_record_without_its_loss_is_refused_on_resume(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_mod.train(*configs(dataset, out, max_iters=3, eval_interval=3))
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    for i, key in ((1, "loss"), (0, "val_loss")):
+        bad = list(lines)
+        rec = json.loads(bad[i])
+        assert key in rec
+        del rec[key]
+        bad[i] = json.dumps(rec)
+        (out / "metrics.jsonl").write_text("\n".join(bad) + "\n")
+        capsys.readouterr()
+        assert train_mod.main(cli_args(dataset, out, resume=True, max_iters=3, eval_interval=3)) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"{out / 'metrics.jsonl'}:{i + 1}: " in line and f"'{key}'" in line
+
+
+def test_a_signal_between_micro_batches_stops_without_a_partial_step_and_resumes_bit_exact(dataset, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    model_cfg, cfg = configs(dataset, straight, max_iters=4, eval_interval=2, grad_accum=3)
+    train_mod.train(model_cfg, cfg)
+    flag, calls = {}, {"n": 0}
+
+    def signal_mid_step(module, args, output):  # after the 2nd micro-batch of step 3 (training forwards only)
+        if isinstance(module, GPT) and module.training:
+            calls["n"] += 1
+            if calls["n"] == 2 * 3 + 2:
+                flag["signal"] = "SIGTERM"
+    hook = torch.nn.modules.module.register_module_forward_hook(signal_mid_step)
+    try:
+        with pytest.raises(train_mod.TrainingStopped, match=r"SIGTERM received: stopped after step 2"):
+            train_mod.train(model_cfg, replace(cfg, out_dir=str(split)), stop_flag=flag)
+    finally:
+        hook.remove()
+    assert calls["n"] == 8 and load_checkpoint(split / "last.pt")["step"] == 2
+    train_mod.train(model_cfg, replace(cfg, out_dir=str(split), resume=True))
+    keys = ("kind", "step", "loss", "lr", "grad_norm", "train_loss", "val_loss")
+    same = [[{k: r[k] for k in keys if k in r} for r in records(d)] for d in (split, straight)]
+    assert same[0] == same[1]
+    assert same_weights(split / "last.pt", straight / "last.pt")
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch
+def test_a_huge_grad_accum_stops_promptly_on_sigterm(dataset, tmp_path):
+    out = tmp_path / "run"
+    proc = start_training(dataset, out, "--grad_accum=1000000000")
+    wait_for(lambda: (out / "last.pt").exists(), timeout=120)  # the step-0 evaluation saved: now in step 1
+    time.sleep(0.5)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and time.time() - t0 < 30, err[-2000:]
+    assert "stopped after step 0" in err and load_checkpoint(out / "last.pt")["step"] == 0
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch
+def test_sigint_before_the_handlers_are_installed_prints_no_traceback(dataset, tmp_path):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli_args(dataset, tmp_path / "o")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(0.5)  # still importing torch
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
+# ----------------------------------------------------------------------------------------------------
+# scaling.py: one sweep per folder, records unique, torn lines, children stopped with the sweep, bad --out
+
+import scaling  # noqa: E402
+
+TINY_SWEEP = [str(ROOT / "configs" / "scaling_tiny.toml"), "--budgets", "3e9", "--sizes", "3"]
+
+
+def test_one_sweep_per_out(dataset, tmp_path, capsys):
+    out = tmp_path / "sw"
+    holder = hold_lock(out)
+    try:
+        assert scaling.main([*TINY_SWEEP, f"--dataset={dataset}", "--out", str(out)]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"{out} is in use by another sweep (pid {holder.pid} holds" in \
+        one_error_line(capsys.readouterr().err, "scaling.py")
+    assert not (out / "points").exists()
+
+
+@pytest.mark.parametrize("out", ["/dev/null", "/sys", "/sys/flopgpt-sweep"])
+def test_a_bad_sweep_out_is_one_line(out, dataset, capsys):
+    assert scaling.main([*TINY_SWEEP, f"--dataset={dataset}", "--out", out]) == 2
+    assert out in one_error_line(capsys.readouterr().err, "scaling.py")
+
+
+def sweep_records(budgets=(1e9, 1e10), sizes=5) -> list[dict]:
+    """Records shaped like a sweep's, losses on a parabola in log N per budget."""
+    recs = []
+    for b in budgets:
+        for i in range(sizes):
+            n = 1e5 * 2 ** i * b / 1e9
+            recs.append({"id": f"b{b:.0e}-{i}", "budget": b, "params": int(n), "params_nonembedding": int(n * 0.8),
+                         "tokens": int(b / (6 * n)), "flops": int(b), "flops_6nd": int(b),
+                         "val_loss": 2 + 0.1 * (math.log10(n) - math.log10(4e5 * b / 1e9)) ** 2 - 0.05 * math.log10(b),
+                         "n_layer": i + 1, "n_embd": 8 * (i + 1)})
+    return recs
+
+
+def test_fit_drops_a_torn_last_line_and_duplicate_records_with_a_note(tmp_path, capsys):
+    path = tmp_path / "results.jsonl"
+    recs = sweep_records()
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert scaling.main(["--fit", str(path), "--json"]) == 0
+    clean = json.loads(capsys.readouterr().out)
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs) + json.dumps({**recs[2], "val_loss": 9.0}) + "\n"
+                    + json.dumps(recs[3])[:40])
+    assert scaling.main(["--fit", str(path), "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out) == clean
+    assert f"{path}:{len(recs) + 1}: dropped a second record of run {recs[2]['id']}" in out.err
+    assert f"{path}:{len(recs) + 2}: dropped a torn last line" in out.err
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow  # a sweep process and its train.py child
+def test_killing_a_sweep_stops_its_training_child(dataset, tmp_path):
+    out = tmp_path / "sw"
+    sweep_proc = subprocess.Popen([sys.executable, str(ROOT / "scaling.py"), *TINY_SWEEP, f"--dataset={dataset}",
+                                   "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def child_pid() -> int | None:
+        for lock in out.glob(f"points/*/{LOCK_NAME}"):
+            text = lock.read_text().strip()
+            if text.isdigit():
+                return int(text)
+        return None
+    wait_for(lambda: child_pid() is not None, timeout=180)
+    pid = child_pid()
+    sweep_proc.kill()
+    sweep_proc.wait()
+    wait_for(lambda: not alive(pid), timeout=60)
+    OutDirLock(next(out.glob(f"points/*/{LOCK_NAME}")).parent).acquire().release()  # free for a rerun at once
