@@ -1,16 +1,19 @@
-"""Helpers shared by the command-line scripts (train.py, sample.py, flops.py, data/prepare.py, bench/).
+"""Helpers shared by the command-line programs (train.py, sample.py, flops.py, scaling.py, data/prepare.py, bench/):
+one-line errors (OneLineParser, report_errors), devices, and how figures are printed.
 
 `python -m model.cli config-doc > docs/config.md` writes the reference of every config key.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
-from typing import Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from .config import markdown_reference, read_toml
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "default.toml"  # what `python train.py` runs
@@ -30,9 +33,15 @@ def duration(seconds: float) -> str:
     return f"{seconds / YEAR_S:.1f} years"
 
 
+def fmt(v: float | None, spec: str) -> str:
+    """format(v, spec), or a dash as wide as the spec asks where there is no figure."""
+    return format(v, spec) if v is not None else format("-", ">" + spec.split(".")[0])
+
+
 def resolve_device(name: str, flag: str = "device") -> torch.device:
     """"auto" (cuda when available), "cpu", "cuda" or "cuda:N" -> a torch.device; ValueError naming `flag`
     for anything else, or for cuda on a machine without it."""
+    import torch  # here, not at the top: the CLIs' --help and argument errors come before torch loads
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -44,6 +53,18 @@ def resolve_device(name: str, flag: str = "device") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{flag} {name!r} but CUDA is not available; use cpu")
     return device
+
+
+class UsageError(ValueError):
+    """Bad command-line input: one line on stderr, exit code 2 (through report_errors)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with the project's error style: a bad argument raises UsageError, which report_errors prints
+    as one line, `prog: error: ...`, with exit code 2 (argparse's own prints the usage too)."""
+
+    def error(self, message):
+        raise UsageError(message)
 
 
 EXPECTED_ERRORS = (ValueError, OSError, MemoryError)  # bad input; missing file, full disk; too little memory

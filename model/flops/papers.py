@@ -12,7 +12,7 @@ Sources (where each number was read):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fractions import Fraction
 
 from . import approximations

@@ -5,8 +5,8 @@ naming the figures, instead of a swap storm, an allocator traceback or the OOM k
 lower bounds: what the tensors themselves take, nothing for the allocator's slack or the framework, so a
 refusal is certain and a config that passes can still be tight.
 
-    parameters    the model's weights (counted exactly: the GPT built on the meta device, which allocates
-                  nothing, with one block, the block's count times n_layer)
+    parameters    the model's weights (model/gpt/memory.py, which GPT.from_pretrained uses too: counted
+                  exactly from the GPT built on the meta device, which allocates nothing)
     gradients     one per parameter
     AdamW moments two per parameter (exp_avg, exp_avg_sq)
     activations   what backward keeps per layer: 16 values per token (Korthikanti et al. 2022, "Reducing
