@@ -658,7 +658,8 @@ def test_token_ids_beyond_the_vocabulary_are_refused_before_training(dataset, tm
     copy = tmp_path / "ds"
     shutil.copytree(dataset, copy)
     meta = json.loads((copy / "meta.json").read_text())
-    (copy / "meta.json").write_text(json.dumps({**meta, "vocab_size": meta["vocab_size"] - 1}))
+    (copy / "meta.json").write_text(json.dumps({**meta, "vocab_size": meta["vocab_size"] - 1,
+                                                "chars": meta["chars"][:-1]}))
     assert train_mod.main(cli_args(copy, tmp_path / "o")) == 2
     assert f"is not below vocab_size={meta['vocab_size'] - 1}" in one_error_line(capsys.readouterr().err)
 
