@@ -263,14 +263,18 @@ def run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        return report_errors("scaling.py", lambda: run(argv), errors=(ValueError, FileNotFoundError))
+
+    def body() -> int:
+        try:
+            return run(argv)
+        except BrokenPipeError:  # output piped into `head` and closed early: not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+    try:  # OSError: a --out that cannot be written (read-only, /dev/null), a full disk
+        return report_errors("scaling.py", body, errors=(ValueError, OSError))
     except RuntimeError as e:  # runs that failed: they are named, finished ones recorded
         print(f"scaling.py: {e}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # output piped into `head` and closed early: not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     except KeyboardInterrupt:
         print("scaling.py: interrupted; finished runs are recorded, interrupted ones saved: rerun the same "
               "command to resume", file=sys.stderr)

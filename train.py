@@ -6,7 +6,12 @@ Data parallel: `torchrun --nproc_per_node=N train.py ...` (gloo on CPU, nccl on 
 """
 from __future__ import annotations
 
-import math
+import signal
+
+if __name__ == "__main__":  # until its handlers are installed (after imports), Ctrl-C ends it quietly
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+import math  # noqa: E402
 import sys
 import time
 from contextlib import nullcontext
@@ -26,13 +31,14 @@ from model.flops.formulas import train_step_flops
 from model.flops.planner import plan_run
 from model.gpt.gpt import GPT
 from model.gpt.speed import use_cpu_kernels
-from model.training.checkpoint import NonFiniteStateError, save_checkpoint
+from model.training.checkpoint import NonFiniteStateError, rng_state, save_checkpoint, set_rng_state
 from model.training.data import Batches, load_meta
 from model.training.distributed import Distributed
 from model.training.evaluate import evaluate
 from model.training.lock import OutDirLock
 from model.training.memory import check_fits, training_bytes
 from model.training.metrics import plot_losses, trim_metrics, write_record
+from model.training.outputs import discard_replaced, recover, restore_replaced, set_aside
 from model.training.optim import adamw, clip_and_step, lr_at
 from model.training.recipe import keys_help, load_recipe, split_argv
 from model.training.resume import checkpoint_state, open_resume_checkpoint, restore, resume_changes
@@ -69,6 +75,7 @@ class Run:
     best_val: float = float("inf")
     resumed_at: int = -1  # the step resumed from when its evaluation is in the checkpoint already
     saved_step: int | None = None  # the step of the last.pt on disk: the last good checkpoint
+    replaced: list[str] = field(default_factory=list)  # the old run's files, set aside until the first save
     stop_flag: dict = field(default_factory=dict)  # {"signal": name} once SIGINT/SIGTERM arrived
     peak: Any = None  # a peaks.Peak for all ranks together: value, source, raised by any faster reading
     calibrated_at: float = 0.0
@@ -121,19 +128,24 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     """
     lock = OutDirLock(cfg.out_dir) if Distributed().master else nullcontext()
     with lock, matmul_precision(cfg.matmul_precision, resolve_device(cfg.device).type):
-        if getattr(lock, "note", ""):
-            print(f"note: {lock.note}", file=sys.stderr)
+        for note in (getattr(lock, "note", ""), Distributed().master and recover(cfg.out_dir)):
+            if note:
+                print(f"note: {note}", file=sys.stderr)
         return _train(model_cfg, cfg, stop_flag=stop_flag)
 
 
 def _train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     stop_flag = stop_flag if stop_flag is not None else {}
     run = setup(model_cfg, cfg, stop_flag)
-    start_outputs(run)
     try:
-        loop(run, stop_flag)
+        start_outputs(run)
+        try:
+            loop(run, stop_flag)
+        finally:
+            teardown(run)
     finally:
-        teardown(run)
+        if run.replaced:  # --overwrite, and this run ended before its first last.pt: the old run comes back
+            restore_replaced(run.out_dir)
     return summarize(run)
 
 
@@ -204,17 +216,22 @@ def build_model(run: Run) -> None:
 
 
 def start_outputs(run: Run) -> None:
-    """out_dir and metrics.jsonl (trimmed on resume, emptied otherwise), the model and plan lines, the bar."""
+    """The model and plan lines, out_dir and metrics.jsonl (trimmed on resume; new otherwise, with --overwrite
+    the old run's files moved aside, model/training/outputs.py), the bar."""
     dist = run.dist
+    # the plan checks the peak: every argument is checked before an output is touched
+    plan = plan_run(run.model_cfg, max(1, run.cfg.max_iters - run.step) * run.tokens_per_step,
+                    run.model_cfg.block_size, run.peak_total)
     if dist.master:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         if run.saved_step is not None:  # resumed
-            note = trim_metrics(run.metrics_path, run.step)
+            note = trim_metrics(run.metrics_path, run.step)  # every record checked first
             if note:
                 print(f"note: {note}", file=sys.stderr)
         else:
+            run.replaced = set_aside(run.out_dir) if run.cfg.overwrite else []  # deleted after the first save
             run.metrics_path.write_text("")
-        announce(run)
+        announce(run, plan)
         run.metrics = run.metrics_path.open("a", buffering=1)  # line-buffered: a hard exit loses no record
     run.bar = tqdm(total=run.cfg.max_iters, initial=run.step, disable=not (dist.master and run.cfg.progress),
                    dynamic_ncols=True, file=sys.stderr)
@@ -222,15 +239,14 @@ def start_outputs(run: Run) -> None:
     run.model.train()
 
 
-def announce(run: Run) -> None:
+def announce(run: Run, plan: dict) -> None:
     """The model line and, when steps remain, the plan line: exact compute and estimated time."""
     m, precision = run.raw_model, torch.get_float32_matmul_precision()  # set by train() for this run
+    remaining = run.cfg.max_iters - run.step
     print(f"model: {m.num_params():,} parameters ({m.num_params(True):,} non-embedding); {run.dist.world} "
           f"process(es) on {run.device}, {run.dtype}; {describe_matmul_precision(precision, run.device.type)}",
           file=sys.stderr)
-    remaining = run.cfg.max_iters - run.step
     if remaining > 0:
-        plan = plan_run(run.model_cfg, remaining * run.tokens_per_step, run.model_cfg.block_size, run.peak_total)
         print(f"plan: {remaining} steps x {run.tokens_per_step:,} tokens = {plan['tokens']:,} tokens; exact "
               f"training compute {plan['flops']:.4g} FLOPs ({plan['scale']}; 6ND would say "
               f"{plan['flops_6nd']:.4g}); estimated {duration(plan['seconds'])} at {plan['mfu']:.0%} MFU of "
@@ -271,10 +287,13 @@ def train_step(run: Run) -> dict:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=run.device)
     my_micro = run.my_micro
+    start = (run.train_batches.state_dict(), rng_state()) if run.local_accum > 1 else None  # see abandon_step
     for micro in range(cfg.grad_accum):
         if micro not in my_micro:
             run.train_batches.skip()
             continue
+        if micro != my_micro[0] and run.dist.any(bool(run.stop_flag.get("signal")), run.device):
+            abandon_step(run, start)  # every rank asks at the same local micro-batch
         x, y = run.train_batches.next()
         sync = nullcontext() if (micro == my_micro[-1] or not dist.enabled) else run.model.no_sync()
         with sync:
@@ -294,6 +313,20 @@ def train_step(run: Run) -> dict:
     return {"step": run.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "dt_ms": dt * 1e3,
             "tokens_per_s": run.tokens_per_step / dt, "mfu": progress_mfu(run, dt), "flops": run.flops_per_step,
             "flops_per_s": run.flops_per_step / dt}  # MFU against any other peak: flops_per_s / that peak
+
+
+def abandon_step(run: Run, start: tuple) -> None:
+    """A signal between micro-batches: drop the partial step (its gradients; the sampler and RNG go back to
+    where the step began), save the last completed step and stop, so a long accumulation stops promptly and
+    the resume replays the whole step, bit-exact."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.train_batches.load_state_dict(start[0])
+    set_rng_state(start[1])
+    name = run.stop_flag.get("signal", "SIGTERM")
+    save_checkpoints(run)  # this step's evaluation, when due, ran before the step began
+    raise TrainingStopped(f"{name} received: stopped after step {run.step}, dropping the part of step "
+                          f"{run.step + 1} done; checkpoint saved to {run.last_path} (resume with --resume)",
+                          exit_code(name))
 
 
 def progress_mfu(run: Run, seconds: float) -> float:
@@ -375,6 +408,9 @@ def save_checkpoints(run: Run, new_best: bool = False, evaluated: bool = True) -
     except NonFiniteStateError as e:
         raise TrainingStopped(f"{e}; stopping. Last good checkpoint: {last_good(run)}", 1) from None
     run.saved_step = run.step
+    if run.replaced:  # the new run has its last.pt: the run it replaces can go
+        discard_replaced(run.out_dir)
+        run.replaced = []
 
 
 # ---- teardown

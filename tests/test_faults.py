@@ -703,7 +703,7 @@ def test_flops_sizes_are_refused_before_building_anything(args, match, capsys):
 # ----------------------------------------------------------------------------------------------------
 # Library: a run's outputs replaced only after the new run saved, sweep records, children, file modes
 
-from model.training import children, outputs, results  # noqa: E402
+from model.training import outputs, sweep  # noqa: E402
 from model.training.checkpoint import atomic_write  # noqa: E402
 
 
@@ -769,24 +769,24 @@ def test_results_torn_last_line_and_duplicates_are_dropped_with_notes(tmp_path):
     a, b = {"id": "a", "val_loss": 1.0}, {"id": "b", "val_loss": 2.0}
     path.write_text(json.dumps(a) + "\n" + json.dumps(b) + "\n" + json.dumps({**a, "val_loss": 9.0}) + "\n"
                     + '{"id": "c", "val_lo')
-    records, notes = results.read_results(path)
+    records, notes = sweep._read_results(path)
     assert records == [a, b]
     assert notes == [f"{path}:3: dropped a second record of run a (first on line 1)",
                      f"{path}:4: dropped a torn last line (a crash while writing it)"]
-    results.repair_results(path, records)
-    results.append_result(path, {"id": "c", "val_loss": 3.0})
+    sweep.repair_results(path, records)
+    sweep.append_result(path, {"id": "c", "val_loss": 3.0})
     with pytest.raises(ValueError, match=rf"^{path}: run b is recorded already$"):
-        results.append_result(path, {"id": "b", "val_loss": 5.0})
-    assert results.read_results(path) == ([a, b, {"id": "c", "val_loss": 3.0}], [])
+        sweep.append_result(path, {"id": "b", "val_loss": 5.0})
+    assert sweep._read_results(path) == ([a, b, {"id": "c", "val_loss": 3.0}], [])
     path.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
     with pytest.raises(ValueError, match=rf"^{path}:2: not valid JSON"):
-        results.read_results(path)
+        sweep._read_results(path)
 
 
 def test_a_child_stops_when_its_parent_is_killed(tmp_path):
     """The parent starts a child with start_child and is killed with SIGKILL: the child gets SIGTERM."""
     code = ("import sys, time, signal\n"
-            "from model.training.children import start_child\n"
+            "from model.training.sweep import start_child\n"
             "child = start_child([sys.executable, '-c', 'import signal, sys, time\\n"
             "signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1], \"w\").write(\"term\"), sys.exit(0)))\\n"
             "print(\"ready\", flush=True)\\ntime.sleep(60)', sys.argv[1]], sys.stdout, None)\n"
@@ -952,7 +952,7 @@ def test_sigint_before_the_handlers_are_installed_prints_no_traceback(dataset, t
 
 import scaling  # noqa: E402
 
-TINY_SWEEP = [str(ROOT / "configs" / "scaling_tiny.toml"), "--budgets", "3e9", "--sizes", "3"]
+TINY_SWEEP = [str(ROOT / "configs" / "scaling_tiny.toml"), "--budgets", "3e9,1e10", "--sizes", "3"]
 
 
 def test_one_sweep_per_out(dataset, tmp_path, capsys):

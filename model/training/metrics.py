@@ -18,9 +18,12 @@ def write_record(out: TextIO | None, record: dict, flush: bool = False) -> None:
     if out is not None:
         # strict JSON: a non-finite number (a NaN loss, the grad norm without clipping) is written as null
         clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        out.write(json.dumps(clean, allow_nan=False) + "\n")
-        if flush:
-            out.flush()
+        try:
+            out.write(json.dumps(clean, allow_nan=False) + "\n")
+            if flush:
+                out.flush()
+        except OSError as e:  # a full disk: say which file
+            raise OSError(e.errno, f"could not write metrics file {out.name}: {e.strerror}") from None
 
 
 def read_metrics(path: Path) -> tuple[list[str], str]:
@@ -40,6 +43,11 @@ def read_metrics(path: Path) -> tuple[list[str], str]:
         step = rec.get("step") if isinstance(rec, dict) else None
         if isinstance(step, bool) or not isinstance(step, int):
             raise ValueError(f"{path}:{i}: not a metrics record (expected an object with an integer 'step')")
+        for key in (("train_loss", "val_loss") if rec.get("kind") == "eval" else ("loss",)):
+            value = rec.get(key, "missing")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{path}:{i}: {'an eval' if rec.get('kind') == 'eval' else 'a step'} record "
+                                 f"needs a number or null for {key!r}, got {value!r}")
     return lines, ""
 
 

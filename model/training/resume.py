@@ -9,10 +9,10 @@ from pathlib import Path
 from ..config import TrainConfig, to_dict
 from .checkpoint import FORMAT, FORMATS, load_checkpoint, load_weights, rng_state, set_rng_state
 from .optim import lr_at
+from .outputs import ARTEFACTS, check_artefacts
 
 QUIET_KEYS = ("resume", "overwrite", "progress")  # differ on most resumes and change nothing in the run
 SCHEDULE_KEYS = ("lr", "min_lr", "warmup_iters", "lr_decay_iters", "lr_schedule", "max_iters")
-OUTPUTS = ("last.pt", "best.pt", "metrics.jsonl")  # what train.py writes into out_dir, besides loss.png
 
 
 def open_resume_checkpoint(cfg: TrainConfig, model_config: dict, meta: dict) -> dict | None:
@@ -21,13 +21,11 @@ def open_resume_checkpoint(cfg: TrainConfig, model_config: dict, meta: dict) -> 
     does not allow to replace."""
     out_dir = Path(cfg.out_dir)
     path = out_dir / "last.pt"
-    for output in (out_dir / name for name in OUTPUTS):
+    for output in (out_dir / name for name in ARTEFACTS):
         if output.is_dir():
             raise ValueError(f"{output} is a directory; train.py writes a file there")
     if not cfg.resume:
-        if path.exists() and not cfg.overwrite:
-            raise ValueError(f"{out_dir} already holds a checkpoint ({path.name}); pass --resume to continue "
-                             f"it or --overwrite to start afresh")
+        check_artefacts(out_dir, cfg.resume, cfg.overwrite)  # any of last.pt, best.pt, metrics.jsonl
         return None
     ckpt = load_checkpoint(path)
     if ckpt.get("format") not in FORMATS:

@@ -1,9 +1,16 @@
 """Running a scaling sweep (scaling.py): train.py processes, N at a time with the CPU threads divided among
 them, and OUT/results.jsonl, one record per finished run with its loss over the whole validation split. The
 state of each point is read from disk, so a rerun skips recorded runs, resumes interrupted ones and records
-runs finished elsewhere."""
+runs finished elsewhere.
+
+Safe as a run: one sweep per folder (its OutDirLock, held for the whole sweep); records unique by point id
+when written and when read (a second record of an id is dropped with a note, a torn last line too, and the
+file rewritten without them before the next append); each train.py child stops (SIGTERM: it saves and exits)
+when the sweep dies, even by SIGKILL, so no orphan keeps a point's lock; a point whose previous train.py is
+still saving is waited for."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -17,9 +24,12 @@ import torch
 
 from ..cli import ROOT, fmt
 from ..flops.scaling import POINT_KEYS
-from .checkpoint import load_checkpoint
+from .checkpoint import atomic_write, load_checkpoint
 from .data import open_split
 from .evaluate import split_loss
+from .lock import OutDirLock
+
+LOCK_WAIT_S = 120.0  # how long a point's previous train.py may take to save and exit
 
 
 @dataclass
@@ -48,21 +58,62 @@ def public(p: dict) -> dict:
 # State of each point on disk: recorded, finished elsewhere (checkpoint at its last step), interrupted, new
 
 def read_results(path: Path) -> list[dict]:
-    """The records of a results.jsonl; ValueError naming the line that is not a JSON object."""
+    """The records of a results.jsonl, the first of each id; a torn last line or a second record of an id is
+    dropped with a note on stderr (see _read_results)."""
+    records, notes = _read_results(path)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return records
+
+
+def _read_results(path: str | Path) -> tuple[list[dict], list[str]]:
+    """(records, notes): the JSON objects of a results.jsonl, the first of each id kept. A last line that is
+    not JSON is torn (dropped, with a note); any other bad line is a ValueError naming file and line."""
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"results file not found: {path}")
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    records, notes, seen = [], [], {}
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as e:
+        except ValueError as e:
+            if i == len(lines):
+                notes.append(f"{path}:{i}: dropped a torn last line (a crash while writing it)")
+                break
             raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{i}: expected a JSON object")
-        out.append(rec)
-    return out
+        if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+            raise ValueError(f"{path}:{i}: expected a JSON object with a string 'id'")
+        if rec["id"] in seen:
+            notes.append(f"{path}:{i}: dropped a second record of run {rec['id']} (first on line {seen[rec['id']]})")
+            continue
+        seen[rec["id"]] = i
+        records.append(rec)
+    return records, notes
+
+
+def repair_results(path: str | Path, records: list[dict]) -> None:
+    """Rewrite results.jsonl as exactly `records` (atomically), so that appends follow a whole line."""
+    text = "".join(json.dumps(r, allow_nan=False) + "\n" for r in records)
+    atomic_write(path, lambda f: f.write(text.encode()), "results file")
+
+
+def append_result(path: str | Path, rec: dict) -> None:
+    """Append one record (one write, fsynced); a second record of the same id is a ValueError."""
+    path = Path(path)
+    if path.is_file() and any(r["id"] == rec["id"] for r in _read_results(path)[0]):
+        raise ValueError(f"{path}: run {rec['id']} is recorded already")
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, allow_nan=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OSError(e.errno, f"could not write results file {path}: {e.strerror}") from None
 
 
 def point_state(p: dict, out_dir: Path, records: dict[str, dict]) -> str:
@@ -88,14 +139,11 @@ def point_state(p: dict, out_dir: Path, records: dict[str, dict]) -> str:
 
 
 def record(sweep: Sweep, p: dict, wall_s: float | None, cpu_s: float | None = None) -> dict:
-    """Evaluate a finished run and append its record to OUT/results.jsonl (one write, flushed to disk)."""
+    """Evaluate a finished run and append its record to OUT/results.jsonl (one write, fsynced, its id new)."""
     ckpt = sweep.out / "points" / p["id"] / "last.pt"
     rec = {"id": p["id"], **public(p), "val_loss": split_loss(ckpt, sweep.train.dataset),
            "val_tokens": _val_tokens(sweep, p), "wall_s": wall_s, "cpu_s": cpu_s, "args": p["args"]}
-    with (sweep.out / "results.jsonl").open("a", encoding="utf-8") as f:
-        f.write(json.dumps(rec, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_result(sweep.out / "results.jsonl", rec)
     return rec
 
 
@@ -143,9 +191,19 @@ def child_env(threads: int) -> dict:
 def run_sweep(sweep: Sweep, jobs: int, train_new: bool = True) -> list[dict]:
     """Record what is finished, train the rest `jobs` at a time (unless train_new is False); returns all
     records of the plan. Interrupted: children save and stop; rerun the same command to resume."""
-    sweep.out.mkdir(parents=True, exist_ok=True)
+    with OutDirLock(sweep.out, what="sweep") as lock:  # one sweep per folder: records unique, one child per point
+        if lock.note:
+            print(f"note: {lock.note}", file=sys.stderr)
+        return _run_sweep(sweep, jobs, train_new)
+
+
+def _run_sweep(sweep: Sweep, jobs: int, train_new: bool) -> list[dict]:
     results = sweep.out / "results.jsonl"
-    records = {r.get("id"): r for r in (read_results(results) if results.exists() else [])}
+    found, notes = _read_results(results) if results.exists() else ([], [])
+    if notes:  # a torn last line, a second record of a run: rewritten without them before appending
+        print("\n".join(f"note: {n}" for n in notes), file=sys.stderr)
+        repair_results(results, found)
+    records = {r["id"]: r for r in found}
     states = {p["id"]: point_state(p, sweep.out, records) for p in sweep.points}
     threads = max(1, (os.cpu_count() or 1) // jobs)
     torch.set_num_threads(threads)
@@ -192,9 +250,10 @@ def _train_all(sweep, todo, states, jobs, threads, records, prog) -> None:
                 p = queue.pop(0)
                 run_dir = sweep.out / "points" / p["id"]
                 run_dir.mkdir(parents=True, exist_ok=True)
+                # a train.py of a sweep killed just before may still be saving this point: let it finish
+                OutDirLock(run_dir).acquire(wait_s=LOCK_WAIT_S).release()
                 log = (run_dir / "train.log").open("a")
-                proc = subprocess.Popen(command(p, states[p["id"]] == "interrupted"), stdout=log,
-                                        stderr=subprocess.STDOUT, env=child_env(threads))
+                proc = start_child(command(p, states[p["id"]] == "interrupted"), log, child_env(threads))
                 running[proc] = (p, time.perf_counter(), log)
             if not running:
                 break
@@ -218,3 +277,23 @@ def _train_all(sweep, todo, states, jobs, threads, records, prog) -> None:
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {'; '.join(failed)}; finished runs are recorded, "
                            f"rerun to retry")
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent(parent: int) -> None:
+    """In the child, before exec: the kernel sends SIGTERM when the parent dies (Linux), so train.py saves
+    and exits instead of running on as an orphan that holds its out_dir's lock."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(143)
+
+
+def start_child(cmd: list[str], log, env: dict) -> subprocess.Popen:
+    """Popen(cmd) with stdout and stderr to `log`, stopped (SIGTERM) when this process dies, even by
+    SIGKILL."""
+    parent = os.getpid()
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            preexec_fn=lambda: _stop_with_parent(parent))
