@@ -928,11 +928,14 @@ def test_a_signal_between_micro_batches_stops_without_a_partial_step_and_resumes
 def test_a_huge_grad_accum_stops_promptly_on_sigterm(dataset, tmp_path):
     out = tmp_path / "run"
     proc = start_training(dataset, out, "--grad_accum=1000000000")
-    wait_for(lambda: (out / "last.pt").exists(), timeout=120)  # the step-0 evaluation saved: now in step 1
-    time.sleep(0.5)
-    t0 = time.time()
-    proc.send_signal(signal.SIGTERM)
-    err = proc.communicate(timeout=60)[1]
+    try:
+        wait_for(lambda: (out / "last.pt").exists(), timeout=120)  # the step-0 evaluation saved: now in step 1
+        time.sleep(0.5)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
     assert proc.returncode == 143 and time.time() - t0 < 30, err[-2000:]
     assert "stopped after step 0" in err and load_checkpoint(out / "last.pt")["step"] == 0
 
@@ -941,9 +944,12 @@ def test_a_huge_grad_accum_stops_promptly_on_sigterm(dataset, tmp_path):
 def test_sigint_before_the_handlers_are_installed_prints_no_traceback(dataset, tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli_args(dataset, tmp_path / "o")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    time.sleep(0.5)  # still importing torch
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=60)[1]
+    try:
+        time.sleep(0.5)  # still importing torch
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
     assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
