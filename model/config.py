@@ -93,7 +93,7 @@ class TrainConfig:
     seed: int = key(1337, "seed of the initialization, dropout and batch sampling", low=0, high=2**63 - 2)
     peak_flops: float = key(0.0, "peak FLOP/s for MFU; 0 means look the GPU up or calibrate the CPU", low=0)
     resume: bool = key(False, "continue from out_dir/last.pt")
-    overwrite: bool = key(False, "start afresh even though out_dir already holds a checkpoint")
+    overwrite: bool = key(False, "replace the run out_dir holds (deleted once the new run has saved)")
     progress: bool = key(True, "show the tqdm progress bar")
 
     def __post_init__(self) -> None:
