@@ -50,8 +50,8 @@ def main() -> None:
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
     s = state()
-    nbytes = sum(t.numel() * t.element_size() for t in [*s["model"].values(),
-                 *(v for st in s["optimizer"]["state"].values() for v in st.values())])
+    tensors = [*s["model"].values(), *(v for st in s["optimizer"]["state"].values() for v in st.values())]
+    nbytes = sum({t.data_ptr(): t.numel() * t.element_size() for t in tensors}.values())  # tied head once
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         plain, checked = Path(d) / "plain.pt", Path(d) / "checked.pt"
         rows = [("save: torch.save + fsync + rename", best(lambda: atomic_write(plain, lambda f: torch.save(s, f)),

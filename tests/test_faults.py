@@ -300,6 +300,15 @@ def test_out_dir_must_name_a_folder(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # Memory estimates
 
+@pytest.mark.parametrize("cfg", [TINY, GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16,
+                                                bias=False, pos_encoding="sinusoidal")])
+def test_param_count_matches_the_built_model(cfg):
+    """The weights' estimate that GPT.from_pretrained checks (model/gpt/memory.py): the model's own count."""
+    assert memory.param_count(cfg) == GPT(cfg).num_params()
+    huge = replace(cfg, n_embd=10**9, n_head=1)  # tensors over 2^63 bytes: the lower bound instead
+    assert memory.param_count(huge) == 12 * huge.n_layer * 10**18 + huge.vocab_size * 10**9
+
+
 def test_training_estimate_by_hand_and_refusal_names_the_figures(monkeypatch):
     cfg = GPTConfig(vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=16)
     n = GPT(cfg).num_params()
