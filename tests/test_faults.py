@@ -1042,3 +1042,16 @@ def test_killing_a_sweep_stops_its_training_child(dataset, tmp_path):
     sweep_proc.wait()
     wait_for(lambda: not alive(pid), timeout=60)
     OutDirLock(next(out.glob(f"points/*/{LOCK_NAME}")).parent).acquire().release()  # free for a rerun at once
+
+
+def test_a_metrics_record_that_cannot_be_written_names_the_file(tmp_path):
+    from model.training.metrics import write_record
+
+    class FullDisk:
+        name = str(tmp_path / "metrics.jsonl")
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OSError, match=rf"^\[Errno 28\] could not write metrics file {tmp_path / 'metrics.jsonl'}: "
+                                      r"No space left on device$"):
+        write_record(FullDisk(), {"step": 1, "loss": 1.0})
