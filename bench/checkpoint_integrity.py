@@ -2,9 +2,10 @@
 
     python bench/checkpoint_integrity.py [--repeats 3] [--dir /tmp]
 
-Side by side in one run, best of --repeats each: a save without and with the digests (torch.save, fsync and
-rename; digests add the sha256 of every tensor), and a load as torch.load alone, with the archive's CRC-32
-check, and with both checks (what load_checkpoint does). Prints seconds and ratios to the plain operation.
+Side by side in one run, best of --repeats each: a plain atomic save (torch.save, fsync, rename) and
+save_checkpoint (plus its finite check and the sha256 digests); torch.load alone, with every member's CRC-32
+(what a file without a digest gets) and load_checkpoint (the pickle's CRC, then the digests). Prints seconds
+and ratios to the plain save and the plain load.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import GPT, GPTConfig  # noqa: E402
 from model.gpt.integrity import check_digest, verify_archive, with_digest  # noqa: E402
-from model.training.checkpoint import atomic_write, load_checkpoint, save_checkpoint  # noqa: E402
+from model.training.checkpoint import (atomic_write, load_checkpoint, non_finite_tensor,  # noqa: E402
+                                       save_checkpoint)
 
 GPT2 = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
 
@@ -56,21 +58,24 @@ def main() -> None:
         plain, checked = Path(d) / "plain.pt", Path(d) / "checked.pt"
         rows = [("save: torch.save + fsync + rename", best(lambda: atomic_write(plain, lambda f: torch.save(s, f)),
                                                            args.repeats)),
-                ("save: + sha256 digests (save_checkpoint)", best(lambda: save_checkpoint(s, checked), args.repeats)),
-                ("  of which the digests alone", best(lambda: with_digest(s), args.repeats))]
+                ("save: save_checkpoint (finite check + digests)", best(lambda: save_checkpoint(s, checked),
+                                                                         args.repeats)),
+                ("  of which the finite check alone", best(lambda: non_finite_tensor(s), args.repeats)),
+                ("  of which the sha256 digests alone", best(lambda: with_digest(s), args.repeats))]
         loaded = load_checkpoint(checked)
         rows += [("load: torch.load", best(lambda: torch.load(plain, weights_only=True), args.repeats)),
-                 ("load: + CRC-32 of every member", best(lambda: (verify_archive(checked),
-                                                                  torch.load(checked, weights_only=True)),
-                                                         args.repeats)),
-                 ("load: + CRC-32 + digests (load_checkpoint)", best(lambda: load_checkpoint(checked), args.repeats)),
+                 ("load: + every member's CRC-32 (no digest)", best(lambda: (verify_archive(checked),
+                                                                             torch.load(checked, weights_only=True)),
+                                                                    args.repeats)),
+                 ("load: load_checkpoint (pickle CRC + digests)", best(lambda: load_checkpoint(checked),
+                                                                        args.repeats)),
                  ("  of which the digest check alone", best(lambda: check_digest(loaded, checked), args.repeats))]
         size = checked.stat().st_size
     print(f"GPT-2 124M state: {nbytes / 1e9:.2f} GB of tensors, file {size / 1e9:.2f} GB; best of {args.repeats}; "
           f"{torch.get_num_threads()} threads")
-    base = {"save": rows[0][1], "load": rows[3][1]}
-    for name, sec in rows:
-        kind = "save" if "save" in name or "digests alone" in name else "load"
+    base = {"save": rows[0][1], "load": rows[4][1]}
+    for i, (name, sec) in enumerate(rows):
+        kind = "save" if i < 4 else "load"
         print(f"{name:<46} {sec:7.2f} s  {sec / base[kind]:5.2f}x")
 
 
