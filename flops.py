@@ -25,7 +25,7 @@ from model.cli import OneLineParser, duration, human, report_errors, resolve_dev
 from model.config import GPTConfig, help_lines
 from model.flops.formulas import (ADD, ATTN_SCALE, BACKWARD_ELEMENTWISE, CROSS_ENTROPY_PER_LOGIT, CROSS_ENTROPY_PER_ROW,
                                   GELU_TANH, LAYER_NORM_CORE, SOFTMAX)
-from model.flops.papers import paper_table
+from model.flops.papers import paper_table, render_table
 from model.flops.peaks import device_peak, peak_report, resolve_peak
 from model.flops.planner import DEFAULT_MFU, parse_tokens, plan_run
 from model.flops.plots import plot_profile
@@ -181,32 +181,11 @@ def render_plan(p: dict) -> str:
 # ----------------------------------------------------------------------------------------------------
 # --paper
 
-def _g(x) -> str:
-    if x is None:
-        return "—"
-    return f"{x:,}" if isinstance(x, int) and abs(x) < 10 ** 12 else f"{x:.4g}"
-
-
-def render_paper(table: dict) -> str:
-    rows = table["rows"]
-    lines = [f"{table['paper']}: {table['source']}",
-             f"{'row':<50}{'published':>16}{'ours':>16}{'exact':>16}{'ours/pub':>10}{'exact/pub':>10}"]
-    notes = []
-    for i, r in enumerate(rows):
-        ratio = "—" if r["exact_over_published"] is None else f"{r['exact_over_published']:.4f}"
-        lines.append(f"{r['name'][:49]:<50}{_g(r['published']):>16}{_g(r['ours']):>16}{_g(r['exact']):>16}"
-                     f"{r['ours_over_published']:>10.4f}{ratio:>10}")
-        if i == 0 or r["convention"] != rows[i - 1]["convention"]:  # a run of rows sharing one is listed once
-            notes.append(f"  {r['name']}: {r['convention']}")
-    return "\n".join(lines + ["", "conventions (ours = the paper's convention applied to our formulas; exact = "
-                                   "this project's matmul count):"] + notes)
-
-
 def run_paper(args) -> int:
     if args.plan or args.profile or args.sweep:
         raise ValueError("--paper takes no --plan, --profile or --sweep")
     table = paper_table(args.paper)
-    print(dump_json(table) if args.json else render_paper(table))
+    print(dump_json(table) if args.json else render_table(table))
     return 0
 
 
