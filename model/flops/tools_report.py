@@ -25,20 +25,20 @@ def render(rep: dict) -> str:
              f"exact (matmuls, FLOPs = 2 per multiply-add): forward {ex['forward']:,}, training step "
              f"{ex['train_step']:,}",
              "",
-             f"{'tool':<22}{'version':<18}{'mode':<12}{'raw figure':>22}{'FLOPs':>20}{'ratio':>8}  misses"]
+             f"{'tool':<19}{'version':<21}{'mode':<11}{'raw figure':>24}{'FLOPs':>20}{'ratio':>8}  misses"]
     for e in rep["tools"]:
         raw = f"{e['raw']:,.0f} {e['raw_unit']}"
-        lines.append(f"{label(e):<22}{e['version'][:17]:<18}{e['mode']:<12}{raw:>22}{e['flops']:>20,}"
+        lines.append(f"{label(e):<19}{e['version'][:20]:<21}{e['mode']:<11}{raw:>24}{e['flops']:>20,}"
                      f"{e['ratio']:>8.3f}  {', '.join(e['missing']) or '—'}")
     exact = rep["exact_components"]["forward"]
     lines += ["", "forward per component: tool / exact (0 = missed, — = not reported per module; layer_norm, gelu "
                   "and other against this project's per-element conventions)",
-              f"{'tool':<22}" + "".join(f"{k:>12}" for k in COMPONENTS),
-              f"{'exact FLOPs':<22}" + "".join(f"{exact[k]:>12,}" for k in COMPONENTS)]
+              f"{'tool':<19}" + "".join(f"{k:>17}" for k in COMPONENTS),
+              f"{'exact FLOPs':<19}" + "".join(f"{exact[k]:>17,}" for k in COMPONENTS)]
     for e in rep["tools"]:
         if e["mode"] == "forward":
             comps = e["components"]
-            lines.append(f"{label(e):<22}" + "".join(f"{_ratio(comps.get(k), exact[k]):>12}" for k in COMPONENTS))
+            lines.append(f"{label(e):<19}" + "".join(f"{_ratio(comps.get(k), exact[k]):>17}" for k in COMPONENTS))
     lines += ["", "why (each tool's convention, then each gap with its source):"]
     for e in rep["tools"]:
         lines += [f"  {label(e)}, {e['mode']}:"] + [f"    - {n}" for n in e["notes"]]
@@ -71,7 +71,8 @@ def plot(rep: dict, out: Path) -> Path:
     ax.axvline(1.0, color="gray", ls="--", lw=1)
     ax.set(yticks=y, yticklabels=names, xlabel="tool's FLOPs / exact matmul FLOPs", title="total vs exact")
     ax.invert_yaxis()
-    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlim(0, 1.18 * max([1.0, *(e["ratio"] for e in rep["tools"])]))
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     exact = rep["exact_components"]["forward"]
     grid = np.full((len(fwd), len(COMPONENTS)), np.nan)
     for i, e in enumerate(fwd):
@@ -85,7 +86,8 @@ def plot(rep: dict, out: Path) -> Path:
     for i in range(len(fwd)):
         for j in range(len(COMPONENTS)):
             v = grid[i, j]
-            hm.text(j, i, "n/a" if np.isnan(v) else ("0" if v == 0 else f"{v:.2f}"), ha="center", va="center",
+            text = "n/a" if np.isnan(v) else ("0" if v == 0 else (f"{v:.2f}" if v >= 0.01 else f"{v:.0e}"))
+            hm.text(j, i, text, ha="center", va="center",
                     fontsize=8, color="dimgray" if np.isnan(v) else "black")
     hm.set(xticks=range(len(COMPONENTS)), xticklabels=COMPONENTS, yticks=range(len(fwd)), yticklabels=names,
            title="forward per component: tool / exact (red: missed or far off; n/a: not reported per module)")
