@@ -23,7 +23,6 @@ import importlib.metadata
 import importlib.util
 import io
 import logging
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -165,7 +164,7 @@ def _restore_patches():
 @contextlib.contextmanager
 def _wrap(owner, name: str, before: Callable):
     """Call before(*args) ahead of owner.name(*args): reads a tool's per-module counts just before it prints
-    them and clears them (the count itself is untouched)."""
+    them and discards them (the count itself is untouched)."""
     original = getattr(owner, name)
 
     def wrapped(*args, **kwargs):
@@ -443,7 +442,7 @@ def audit(cfg: GPTConfig, batch: int, seq_len: int, *, tools: tuple[str, ...] | 
             missing, notes = diagnose(r, exact[r.mode], cfg.attention)
             if r.mode == "forward":
                 forward_missing[_label(r)] = missing
-            elif not missing:  # factor-based training steps inherit the forward's gaps
+            elif not missing:  # a training step without components inherits the forward's gaps
                 missing = forward_missing.get(_label(r), [])
             entries.append({"tool": r.tool, "version": version, "backend": r.backend, "mode": r.mode, "raw": r.raw,
                             "raw_unit": r.raw_unit, "flops": r.flops, "ratio": r.flops / totals[r.mode],
