@@ -6,7 +6,7 @@ training step per component; show the peak FLOP/s behind MFU.
     python flops.py [CONFIG.toml] --plan --tokens N [--device NAME | --peak-flops F] [--mfu M] [--json]
     python flops.py --paper gpt3|chinchilla|kaplan|palm|megatron|nanogpt [--json]
     python flops.py [CONFIG.toml] --profile [--batch-size B] [--device cpu|cuda] [--out PNG] [--json]
-    python flops.py [CONFIG.toml] --tools [--batch-size B] [--seq-len T] [--attention=sdpa|manual] [--out PNG] [--json]
+    python flops.py [CONFIG.toml] --tools [--batch-size B] [--seq-len T] [--attention=manual] [--out PNG] [--json]
     python flops.py --peak [--recalibrate] [--json]
 
 FLOPs = 2 per multiply-add everywhere. No config = GPT-2 124M (GPTConfig defaults). Measurements run on
@@ -66,8 +66,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--profile", action="store_true", help="time forward, backward and optimizer step per "
                                                           "component on this device (writes a PNG with --out)")
     p.add_argument("--tools", action="store_true", help="run every installed FLOP counter (fvcore, FlopCounterMode, "
-                                                        "ptflops, thop, calflops, DeepSpeed) on this GPT, per component "
-                                                        "beside the exact count (picture: --out, default flops_tools.png)")
+                   "ptflops, thop, calflops, DeepSpeed) on this GPT beside the exact count (PNG: --out)")
     p.add_argument("--peak", action="store_true", help="the peak FLOP/s MFU uses on this machine, and its source")
     p.add_argument("--recalibrate", action="store_true", help="--peak: measure the CPU calibration again "
                                                               "(best of 5 trials) and replace the cached one")
@@ -550,7 +549,8 @@ def run(args, overrides: list[str], start: float) -> int:
     if args.tools:  # model/flops/tools.py
         from model.flops.tools_report import run_tools
         check_sizes(cfg, args.batch_size, T)
-        return run_tools(cfg, args.batch_size, T, as_json=args.json, out=args.out, device=str(profile_device(args.device)))
+        device = str(profile_device(args.device))
+        return run_tools(cfg, args.batch_size, T, as_json=args.json, out=args.out, device=device)
     if args.tokens is not None or args.device is not None or args.peak_flops is not None or args.mfu is not None:
         raise ValueError("--tokens, --device, --peak-flops and --mfu need --plan")
     if args.sweep:

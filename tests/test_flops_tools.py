@@ -193,3 +193,10 @@ def test_cli_tools_json_and_errors(tmp_path, capsys):
     assert {e["tool"] for e in out["tools"]} | set(out["not_installed"]) == set(tools.ADAPTERS)
     assert cli.main([*small, "--tools", "--device", "tpu"]) == 2
     assert "--device must be cpu or cuda" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_flopcountermode_counts_cuda_attention():
+    # on CUDA sdpa runs a flash or memory-efficient kernel, both in flop_registry: the forward is exact
+    e = audit(cfg("sdpa"), B, T, tools=("flopcountermode",), device="cuda")["tools"][0]
+    assert e["mode"] == "forward" and e["flops"] == 2 * LINEAR_MACS + 2 * ATTN_MACS and "attention" not in e["missing"]

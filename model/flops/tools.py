@@ -91,7 +91,9 @@ KNOWN = {
 # Conventions that explain a ratio without a missed op: (tool) -> note, always printed.
 CONVENTIONS = {
     "fvcore": "reports multiply-adds under the name 'flops' (fvcore#108): x2 here; layer_norm 5 MACs/element",
-    "flopcountermode": "FLOPs = 2 per multiply-add; the training step is measured (forward + backward)",
+    "flopcountermode": "FLOPs = 2 per multiply-add; the training step is measured (forward + backward); on CUDA "
+                       "its sdpa backward formulas count 5 matmuls (the recomputed scores too), 2.5x the forward's "
+                       "attention where the gradient needs 2x (torch/utils/flop_counter.py)",
     "ptflops-pytorch": "MACs: x2 here; Linear counts +1 MAC per output for the bias; LayerNorm and GELU 1/element; "
                        "the README says the default backend is aten (PR 140) but get_model_complexity_info "
                        "defaults to pytorch in 0.7.5",
