@@ -270,9 +270,8 @@ def run(args, overrides: list[str], start: float) -> int:
         return run_profile(cfg, args, T)
     if args.tools:  # model/flops/tools.py
         from model.flops.tools_report import run_tools
-        check_sizes(cfg, args.batch_size, T)
-        device = str(profile_device(args.device))
-        return run_tools(cfg, args.batch_size, T, as_json=args.json, out=args.out, device=device)
+        device = resolve_device(args.device or "cpu", "--device")
+        return run_tools(cfg, args.batch_size, T, as_json=args.json, out=args.out, device=str(device))
     if args.tokens is not None or args.device is not None or args.peak_flops is not None or args.mfu is not None:
         raise ValueError("--tokens, --device, --peak-flops and --mfu need --plan")
     from model.flops import report  # torch loads here: --help and usage errors come before it

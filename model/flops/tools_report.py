@@ -104,7 +104,9 @@ def plot(rep: dict, out: Path) -> Path:
 
 def run_tools(cfg, batch: int, seq_len: int, *, as_json: bool, out: str | None, device: str = "cpu") -> int:
     """flops.py --tools: run the audit, print the table (or strict JSON) and write the picture."""
+    from .counters import check_sizes
     from .tools import audit
+    check_sizes(cfg, batch, seq_len)
     rep = audit(cfg, batch, seq_len, device=device)
     path = plot(rep, Path(out or "flops_tools.png"))
     print(json.dumps(rep, indent=2, allow_nan=False) if as_json else render(rep) + f"\nwrote {path}")
