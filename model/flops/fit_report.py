@@ -43,7 +43,8 @@ def load_points(path) -> dict:
     for key in ("n", "tokens", "loss"):
         bad = np.flatnonzero(~(np.isfinite(out[key]) & (out[key] > 0)))
         if bad.size:
-            raise ValueError(f"{path}: point {bad[0] + 1} has {key} = {out[key][bad[0]]!r}; it must be a positive number")
+            raise ValueError(f"{path}: point {bad[0] + 1} has {key} = {float(out[key][bad[0]])!r}; it must be a "
+                             f"positive number")
     return out
 
 
@@ -75,8 +76,9 @@ def _load_csv(path: Path, text: str) -> dict:
     header = [h.strip() for h in rows[0]]
     keys = [_key(h) for h in header]
     col = {name: next((keys.index(a) for a in alias if a in keys), None) for name, alias in COLUMNS.items()}
-    need = [n for n in ("n", "loss") if col[n] is None] + ([] if col["tokens"] is not None or col["flops"] is not None
-                                                          else ["tokens or training FLOPs"])
+    need = [label for name, label in (("n", "N (model size)"), ("loss", "the loss")) if col[name] is None]
+    if col["tokens"] is None and col["flops"] is None:
+        need.append("tokens or training FLOPs")
     if need:
         raise ValueError(f"{path}: no column for {', '.join(need)} among the header's {', '.join(header)} "
                          f"(expected e.g. 'Model Size', 'Training FLOP' or 'tokens', 'loss')")
