@@ -582,6 +582,20 @@ def do_fit(args, overrides) -> int:
     return 0
 
 
+def do_ladder(args, overrides, budgets, sizes) -> int:
+    """Porian et al.'s steps from Kaplan's setup to Chinchilla's (model/flops/ladder.py), runs reused."""
+    from model.flops.ladder import render_ladder, run_ladder
+    config = args.config or os.path.relpath(ROOT / PRESETS[args.preset or "default"]["config"])
+    out = Path(args.out or f"out/ladder_{args.preset or 'default'}")
+    base = make_sweep(config, overrides, args, budgets, sizes, str(out))
+    result = run_ladder(lambda o: make_sweep(config, overrides, args, budgets, sizes, str(o)),
+                        lambda sweep: run_sweep(sweep, args.jobs), out, base.train.lr, base.train.min_lr,
+                        args.bootstrap, args.seed, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(result, indent=2, allow_nan=False) if args.json else render_ladder(result) + "\nwrote "
+          + ", ".join(result["written"]))
+    return 0
+
+
 def do_compare(args, overrides, budgets, sizes) -> int:
     """Sweep both recipes at the same budgets; each line, and the compute multiplier at A's losses."""
     from model.flops.scaling import fit
@@ -640,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         from model.flops.scaling import check_budgets
         check_budgets(budgets)  # before the dataset is looked for (or prepared)
         sizes = args.sizes if args.sizes is not None else preset["sizes"]
+        if args.ladder:
+            return do_ladder(args, overrides, budgets, sizes)
         if args.compare:
             if args.config:
                 raise ValueError("--compare takes its two recipes instead of a base config")
