@@ -25,11 +25,19 @@ def plot_surface(fit: dict, points: dict, path: Path, isoflop: dict | None = Non
     lo_d, hi_d = np.log10(d.min()) - 0.5, np.log10(d.max()) + 0.5
     gn, gd = np.meshgrid(np.logspace(lo_n, hi_n, 200), np.logspace(lo_d, hi_d, 200))
     surface = p["E"] + p["A"] / gn ** p["alpha"] + p["B"] / gd ** p["beta"]
+    from matplotlib.colors import Normalize
     fig, ax = plt.subplots(figsize=(7.5, 5.5), dpi=100)
-    levels = np.quantile(points["loss"], np.linspace(0.02, 0.98, 12))
-    cs = ax.contour(gn, gd, surface, levels=np.unique(np.round(levels, 3)), cmap="viridis", linewidths=0.8)
+    order = np.argsort(points["loss"], kind="stable")
+    used, dropped = order[:len(order) - fit["excluded"]], order[len(order) - fit["excluded"]:]
+    norm = Normalize(points["loss"][used].min(), points["loss"][used].max())  # one scale: contours and runs
+    levels = np.quantile(points["loss"][used], np.linspace(0.02, 0.98, 12))
+    cs = ax.contour(gn, gd, surface, levels=np.unique(np.round(levels, 3)), cmap="viridis", norm=norm,
+                    linewidths=0.8)
     ax.clabel(cs, fontsize=7, fmt="%.3g")
-    sc = ax.scatter(n, d, c=points["loss"], cmap="viridis", s=18, edgecolors="k", linewidths=0.4, zorder=3)
+    sc = ax.scatter(n[used], d[used], c=points["loss"][used], cmap="viridis", norm=norm, s=18, edgecolors="k",
+                    linewidths=0.4, zorder=3)
+    if len(dropped):
+        ax.plot(n[dropped], d[dropped], "kx", ms=6, zorder=3, label=f"excluded: the {len(dropped)} highest losses")
     fig.colorbar(sc, ax=ax, label="measured loss")
     c_lo = 6 * 10 ** (lo_n + lo_d)
     c_hi = 6 * 10 ** (hi_n + hi_d)
