@@ -48,8 +48,15 @@ def load_points(path) -> dict:
     return out
 
 
-def _load_jsonl(path: Path, text: str) -> dict:
-    recs = []
+def read_jsonl(path: Path, text: str | None = None) -> list[tuple[int, dict]]:
+    """(line number, record) for each JSON object of a JSON-lines file; ValueError naming a line that is not
+    a JSON object, FileNotFoundError for a missing file."""
+    path = Path(path)
+    if text is None:
+        if not path.is_file():
+            raise FileNotFoundError(f"results file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+    out = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -59,6 +66,13 @@ def _load_jsonl(path: Path, text: str) -> dict:
             raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{i}: expected a JSON object")
+        out.append((i, rec))
+    return out
+
+
+def _load_jsonl(path: Path, text: str) -> dict:
+    recs = []
+    for i, rec in read_jsonl(path, text):
         missing = [k for k in ("params", "tokens", "val_loss") if not isinstance(rec.get(k), (int, float))]
         if missing:
             raise ValueError(f"{path}:{i}: lacks a number for {', '.join(missing)} (a scaling.py results.jsonl "
