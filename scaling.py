@@ -563,7 +563,7 @@ def do_fit(args, overrides) -> int:
     path = Path(args.fit)
     if args.method == "parametric" or args.compare is not None:
         from model.flops.fit_report import fit_file
-        fit_file(path, args.method, args.out, args.json, args.bootstrap, args.seed, args.exclude_highest,
+        fit_file(path, args.out, args.json, args.bootstrap, args.seed, args.exclude_highest,
                  compare=args.compare is not None)
         return 0
     fit_and_write(read_results(path), Path(args.out) if args.out else path.parent, args.json)

@@ -250,8 +250,8 @@ def render_parametric(r: dict, source: str) -> str:
     lines.append(f"  {'b = α/(α+β)':<14}{r['b']:>11.4f}{_fmt(r['b_stderr'], '>11.4f')}  {_ci(r['b_ci95'], '.4f')}"
                  f"   D_opt ∝ C^b (6ND)")
     if "a_exact" in r:
-        lines.append(f"  {'a, exact FLOPs':<14}{_fmt(r['a_exact'], '>11.4f')}{'':>11}  {_ci(r['a_exact_ci95'], '.4f')}"
-                     f"   slope of N_opt over the file's budgets")
+        lines.append(f"  {'a, exact FLOPs':<14}{_fmt(r['a_exact'], '>11.4f')}{'':>11}  "
+                     f"{_ci(r['a_exact_ci95'], '.4f')}   slope of N_opt over the file's budgets")
     lines.append(f"objective (sum of Huber losses): {r['objective']:.8g}")
     for name, p in (r.get("published") or {}).items():
         label = {"hoffmann": "Hoffmann et al.'s published", "besiroglu": "Besiroglu et al.'s refit"}[name]
@@ -275,13 +275,14 @@ def render_compare(param: dict, iso: dict) -> str:
              f"  approach 2, IsoFLOP parabolas:  {_fmt(iso['a'], '.3f')}  {_ci(iso['a_ci95'], '.3f')}  "
              f"(bootstrap over runs within budgets: {iso['replicates_with_a']} of {iso['bootstrap']} replicates "
              f"had an a)",
-             f"  approach 3, parametric surface: {_fmt(param.get('a_exact'), '.3f')}  {_ci(param.get('a_exact_ci95'), '.3f')}"
-             f"  (under 6ND: β/(α+β) = {param['a']:.3f} {_ci(param['a_ci95'], '.3f')})"]
+             f"  approach 3, parametric surface: {_fmt(param.get('a_exact'), '.3f')}  "
+             f"{_ci(param.get('a_exact_ci95'), '.3f')}  (under 6ND: β/(α+β) = {param['a']:.3f} "
+             f"{_ci(param['a_ci95'], '.3f')})"]
     return "\n".join(lines)
 
 
-def fit_file(path, method: str, out: str | None, as_json: bool, bootstrap: int = 1000, seed: int = 0,
-             exclude_highest: int = 0, compare: bool = False) -> dict:
+def fit_file(path, out: str | None, as_json: bool, bootstrap: int = 1000, seed: int = 0, exclude_highest: int = 0,
+             compare: bool = False) -> dict:
     """scaling.py --fit FILE --method parametric | --compare: fit, print the report (or the JSON), and write
     parametric.json (methods.json with --compare) and surface.png into `out` (default: the folder of a
     results.jsonl; a CSV writes files only with --out)."""

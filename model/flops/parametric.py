@@ -208,7 +208,8 @@ def optimal_measured(params: dict, compute, n_runs, per_token_runs) -> tuple[np.
     out_n, out_d = [], []
     for c in np.atleast_1d(np.asarray(compute, dtype=float)):
         log_d = math.log(c) - (q + k * log_n)
-        loss = params["E"] + params["A"] * np.exp(-params["alpha"] * log_n) + params["B"] * np.exp(-params["beta"] * log_d)
+        loss = (params["E"] + params["A"] * np.exp(-params["alpha"] * log_n)
+                + params["B"] * np.exp(-params["beta"] * log_d))
         i = int(np.clip(np.argmin(loss), 1, len(log_n) - 2))
         p2, p1, _ = np.polyfit(log_n[i - 1:i + 2], loss[i - 1:i + 2], 2)
         x = -p1 / (2 * p2) if p2 > 0 else log_n[i]
