@@ -127,10 +127,11 @@ def fit_parametric(points: dict, bootstrap: int = 1000, seed: int = 0, exclude_h
     t0 = time.perf_counter()
     best = pm.fit_surface(n, d, loss)
     boot = pm.bootstrap(n, d, loss, best["theta"], bootstrap, seed) if bootstrap else np.zeros((0, 5))
+    boot = boot[np.isfinite(boot).all(1) & (boot[:, :3] < 700).all(1)]  # exp(a), exp(b), exp(e) finite
     out = {"method": "parametric", "params": best["params"], **_intervals(best["params"], boot),
            "objective": best["objective"], "points": int(len(keep)), "excluded": int(exclude_highest),
            "huber_delta": pm.HUBER_DELTA, "starts": len(pm.grid_starts()), "bootstrap": int(bootstrap),
-           "bootstrap_seed": int(seed), "bootstrap_starts": pm.BOOT_STARTS + 1}
+           "bootstrap_seed": int(seed), "bootstrap_starts": pm.BOOT_STARTS + 1, "bootstrap_used": len(boot)}
     budgets = _budgets(points, keep)
     out["optima_6nd"] = _optima(best["params"], boot, budgets, None)
     if points["flops"] is not None:
@@ -241,7 +242,7 @@ def render_parametric(r: dict, source: str) -> str:
              + (f" ({r['excluded']} highest-loss excluded)" if r["excluded"] else "")
              + f"; Huber δ = {r['huber_delta']:g} on log loss, L-BFGS from {r['starts']:,} starts",
              f"  {'':<14}{'estimate':>11}{'stderr':>11}  95% interval"]
-    specs = {"E": ".4f", "A": ".2f", "B": ".2f", "alpha": ".4f", "beta": ".4f"}
+    specs = {"E": ".4f", "A": ".4g", "B": ".4g", "alpha": ".4f", "beta": ".4f"}  # A, B: heavy-tailed
     for k in pm.NAMES:
         lines.append(f"  {k:<14}{r['params'][k]:>11{specs[k]}}{_fmt(r['stderr'][k], '>11' + specs[k])}  "
                      f"{_ci(r['ci95'][k], specs[k])}")
@@ -265,8 +266,10 @@ def render_parametric(r: dict, source: str) -> str:
             for row in r[key]:
                 lines.append(f"  {row['compute']:10.3g} {row['n_opt']:10.4g} {_ci(row['n_opt_ci95'], '.3g'):>24} "
                              f"{row['d_opt']:10.4g} {_ci(row['d_opt_ci95'], '.3g'):>24} {row['tokens_per_param']:7.1f}")
+    lost = r["bootstrap"] - r["bootstrap_used"]
     lines.append(f"bootstrap: {r['bootstrap']:,} resamples of the points (seed {r['bootstrap_seed']}), each refitted "
-                 f"from {r['bootstrap_starts']} starts; {r['seconds']:.1f} s")
+                 f"from {r['bootstrap_starts']} starts" + (f" ({lost} with a non-finite A, B or E left out)" if lost
+                                                          else "") + f"; {r['seconds']:.1f} s")
     return "\n".join(lines)
 
 

@@ -69,7 +69,11 @@ def lbfgs(fun, x0: np.ndarray, max_iter: int = 1000, memory: int = 10, ftol: flo
     problems idx. L-BFGS with the two-loop recursion and Armijo backtracking from a unit step; a problem
     stops when its objective falls by less than ftol·|f| in an iteration, its gradient is below gtol, or
     no step along its direction decreases it. Returns (x (K, P), f (K,))."""
-    x = np.array(x0, dtype=float)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # non-finite trials are rejected
+        return _lbfgs(fun, np.array(x0, dtype=float), max_iter, memory, ftol, gtol)
+
+
+def _lbfgs(fun, x, max_iter, memory, ftol, gtol):
     K, P = x.shape
     f, g = fun(x, np.arange(K))
     S, Y, rho = np.zeros((memory, K, P)), np.zeros((memory, K, P)), np.zeros((memory, K))
@@ -81,7 +85,7 @@ def lbfgs(fun, x0: np.ndarray, max_iter: int = 1000, memory: int = 10, ftol: flo
             break
         d = -_two_loop(g[idx], S[:, idx], Y[:, idx], rho[:, idx], gamma[idx], it, memory)
         slope = (d * g[idx]).sum(1)
-        bad = ~(slope < 0)  # not a descent direction: restart from the gradient
+        bad = ~(slope < 0)  # not a descent direction (or not finite): restart from the gradient
         d[bad] = -g[idx][bad] * gamma[idx][bad, None]
         slope[bad] = (d[bad] * g[idx][bad]).sum(1)
         step, f_new, g_new = _backtrack(fun, x[idx], f[idx], d, slope, idx)
@@ -89,10 +93,10 @@ def lbfgs(fun, x0: np.ndarray, max_iter: int = 1000, memory: int = 10, ftol: flo
         s = step[:, None] * d
         y = g_new - g[idx]
         sy = (s * y).sum(1)
-        ok = moved & (sy > 1e-12 * np.linalg.norm(s, axis=1) * np.linalg.norm(y, axis=1))
+        ok = moved & (sy > 1e-12 * np.linalg.norm(s, axis=1) * np.linalg.norm(y, axis=1)) & np.isfinite(1.0 / sy)
         slot = it % memory
-        S[slot, idx], Y[slot, idx] = s, y
-        rho[slot, idx] = np.where(ok, 1.0 / np.where(ok, sy, 1.0), 0.0)
+        S[slot, idx], Y[slot, idx] = np.where(ok[:, None], s, 0.0), np.where(ok[:, None], y, 0.0)
+        rho[slot, idx] = np.where(ok, 1.0 / np.where(ok, sy, 1.0), 0.0)  # 0: the pair is skipped
         gamma[idx] = np.where(ok, sy / np.maximum((y * y).sum(1), 1e-300), gamma[idx])
         drop = f[idx] - np.where(moved, f_new, f[idx])
         x[idx[moved]] += s[moved]
