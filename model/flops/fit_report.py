@@ -142,7 +142,7 @@ def fit_parametric(points: dict, bootstrap: int = 1000, seed: int = 0, exclude_h
         out["published"] = {name: {"params": p, "objective": pm.objective_at(p, n, d, loss)}
                             for name, p in (("hoffmann", pm.HOFFMANN), ("besiroglu", pm.BESIROGLU))}
     out["seconds"] = time.perf_counter() - t0
-    return out
+    return finite(out)
 
 
 def check_options(bootstrap: int, seed: int, exclude_highest: int) -> None:
@@ -161,10 +161,32 @@ def _intervals(params: dict, boot: np.ndarray) -> dict:
             "beta": boot[:, 4]}
     a = boot[:, 4] / (boot[:, 3] + boot[:, 4])
     cols.update(a=a, b=1 - a)
-    std = {k: float(np.std(v, ddof=1)) if len(v) > 1 else None for k, v in cols.items()}
-    ci = {k: [float(x) for x in np.percentile(v, [2.5, 97.5])] for k, v in cols.items()}
+    std = {k: _spread(v)[0] for k, v in cols.items()}
+    ci = {k: _spread(v)[1] for k, v in cols.items()}
     return {"stderr": {k: std[k] for k in pm.NAMES}, "ci95": {k: ci[k] for k in pm.NAMES}, "a": _a(params),
             "b": 1 - _a(params), "a_stderr": std["a"], "b_stderr": std["b"], "a_ci95": ci["a"], "b_ci95": ci["b"]}
+
+
+def _spread(values) -> tuple[float | None, list[float] | None]:
+    """(standard deviation, [2.5, 97.5] percentiles) of the finite values; None for either when undefined."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        return None, None
+    with np.errstate(over="ignore"):
+        std = float(np.std(v, ddof=1))
+    return (std if math.isfinite(std) else None), [float(x) for x in np.percentile(v, [2.5, 97.5])]
+
+
+def finite(obj):
+    """obj with every non-finite float replaced by None (strict JSON), recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def _a(params: dict) -> float:
@@ -182,7 +204,8 @@ def _budgets(points: dict, keep) -> list[float]:
 
 
 def _optimal(params, budgets, measured):
-    return pm.optimal_6nd(params, budgets) if measured is None else pm.optimal_measured(params, budgets, *measured)
+    with np.errstate(all="ignore"):  # a replicate with α or β near 0 has no finite optimum: dropped later
+        return pm.optimal_6nd(params, budgets) if measured is None else pm.optimal_measured(params, budgets, *measured)
 
 
 def _optima(params: dict, boot: np.ndarray, budgets: list[float], measured) -> list[dict]:
@@ -195,7 +218,7 @@ def _optima(params: dict, boot: np.ndarray, budgets: list[float], measured) -> l
                "tokens_per_param": float(d_opt[i] / n_opt[i]), "n_opt_ci95": None, "d_opt_ci95": None}
         if reps:
             for key, j in (("n_opt_ci95", 0), ("d_opt_ci95", 1)):
-                row[key] = [float(x) for x in np.percentile([r[j][i] for r in reps], [2.5, 97.5])]
+                row[key] = _spread([r[j][i] for r in reps])[1]
         rows.append(row)
     return rows
 
@@ -206,7 +229,7 @@ def _exact_exponent(params: dict, boot: np.ndarray, budgets: list[float], measur
         return {"a_exact": None, "a_exact_ci95": None}
     a = pm.exponent(budgets, _optimal(params, budgets, measured)[0])
     reps = [pm.exponent(budgets, _optimal(pm.params_of(t), budgets, measured)[0]) for t in boot]
-    return {"a_exact": a, "a_exact_ci95": [float(x) for x in np.percentile(reps, [2.5, 97.5])] if reps else None}
+    return {"a_exact": a, "a_exact_ci95": _spread([np.nan if r is None else r for r in reps])[1]}
 
 
 def isoflop_bootstrap(records: list[dict], k: int = 1000, seed: int = 0) -> dict:
@@ -221,7 +244,7 @@ def isoflop_bootstrap(records: list[dict], k: int = 1000, seed: int = 0) -> dict
     for _ in range(k):
         sample = [g[j] for g in groups for j in rng.integers(0, len(g), len(g))]
         reps.append(fit_convention(sample, "exact")["a"])
-    ok = [a for a in reps if a is not None]
+    ok = [a for a in reps if a is not None and math.isfinite(a)]
     return {"method": "isoflop", "a": full["a"], "b": full["b"], "bootstrap": k, "bootstrap_seed": seed,
             "replicates_with_a": len(ok),
             "a_ci95": [float(x) for x in np.percentile(ok, [2.5, 97.5])] if len(ok) > 1 else None,

@@ -157,6 +157,9 @@ def fit_surface(n, d, loss, starts: np.ndarray | None = None) -> dict:
     starts = grid_starts() if starts is None else np.atleast_2d(starts)
     theta, f = minimise(starts, logn, logd, logl, np.ones((len(starts), len(logn))))
     best = int(np.nanargmin(f))
+    if not (np.isfinite(theta[best]).all() and (theta[best][:3] < 700).all()):
+        raise ValueError(f"the surface fit ran off to non-finite parameters (log A, log B, log E = "
+                         f"{theta[best][:3].round(1).tolist()}): these points do not determine L(N, D)")
     return {"theta": theta[best], "params": params_of(theta[best]), "objective": float(f[best])}
 
 
