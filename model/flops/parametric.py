@@ -201,7 +201,7 @@ def bootstrap(n, d, loss, theta_best: np.ndarray, k: int, seed: int) -> np.ndarr
 def optimal_6nd(params: dict, compute) -> tuple[np.ndarray, np.ndarray]:
     """(N_opt, D_opt) at compute C under C = 6ND, Hoffmann et al. eq. 4 (arrays broadcast over C)."""
     al, be, A, B = params["alpha"], params["beta"], params["A"], params["B"]
-    G = (al * A / (be * B)) ** (1.0 / (al + be))
+    G = np.float64(al * A / (be * B)) ** (1.0 / (al + be))  # nan, not complex, for a negative ratio
     c6 = np.asarray(compute, dtype=float) / 6.0
     return G * c6 ** (be / (al + be)), c6 ** (al / (al + be)) / G
 
