@@ -1,7 +1,7 @@
 """Tilting the line one change at a time (Porian et al. 2024, "Resolving Discrepancies in Compute-Optimal
 Scaling of Language Models", arXiv 2406.19146), at toy scale on the sweep's own family and budgets.
 
-Porian et al. reproduce Kaplan et al.'s N_opt ∝ C^0.88 (their Figure 1a) and move it to Chinchilla's ~0.5 by
+Porian et al. reproduce Kaplan et al.'s exponent of N_opt (their Figure 1a) and move it to Chinchilla's ~0.5 by
 changing one thing per step: (b) count the last layer's FLOPs, (c) shorten the warmup, (d) decay the learning
 rate with a cosine to the end of each run, (e) tune the learning rate, batch size and AdamW β2 per model size.
 Here, each step adds its change to the one before:
