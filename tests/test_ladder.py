@@ -70,3 +70,9 @@ def test_ladder_steps_schedules_sharing_and_accounting(dataset, tmp_path):
     assert (tmp_path / "lad" / "ladder.png").stat().st_size > 1000
     text = ladder.render_ladder(result)
     assert "+ last layer counted" in text and "95% interval" in text
+
+
+def test_ladder_flag_conflicts_are_one_line_exit_2(capsys):
+    assert scaling.main(["--ladder", "--fit", "results.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exclude each other" in err
