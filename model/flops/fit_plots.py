@@ -6,19 +6,13 @@ from pathlib import Path
 import numpy as np
 
 from . import parametric as pm
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+from .plots import pyplot, save
 
 
 def plot_surface(fit: dict, points: dict, path: Path, isoflop: dict | None = None) -> Path:
     """Iso-loss contours of the fitted L(N, D) in the (N, D) plane, the runs as points coloured by their
     loss, the compute-optimal line (6ND, and exact FLOPs where the file has them), and approach 2's optima."""
-    plt = _pyplot()
+    plt = pyplot()
     p = fit["params"]
     n, d = points["n"], points["tokens"]
     lo_n, hi_n = np.log10(n.min()) - 0.5, np.log10(n.max()) + 0.5
@@ -61,15 +55,12 @@ def plot_surface(fit: dict, points: dict, path: Path, isoflop: dict | None = Non
     ax.set_ylabel("training tokens D")
     ax.set_title("Fitted L(N, D) = E + A/N^α + B/D^β: iso-loss contours, runs, compute-optimal line", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_ladder(steps: list[dict], path: Path) -> Path:
     """a (with its 95% interval) after each step of the ladder, Kaplan's 0.73 and Chinchilla's 0.5 marked."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.2), dpi=100)
     xs = np.arange(len(steps))
     for i, s in enumerate(steps):
@@ -85,7 +76,4 @@ def plot_ladder(steps: list[dict], path: Path) -> Path:
     ax.set_title("Porian et al.'s ladder at toy scale: one change per step", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
