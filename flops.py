@@ -6,6 +6,7 @@ training step per component; show the peak FLOP/s behind MFU.
     python flops.py [CONFIG.toml] --plan --tokens N [--device NAME | --peak-flops F] [--mfu M] [--json]
     python flops.py --paper gpt3|chinchilla|kaplan|palm|megatron|nanogpt [--json]
     python flops.py [CONFIG.toml] --profile [--batch-size B] [--device cpu|cuda] [--out PNG] [--json]
+    python flops.py [CONFIG.toml] --tools [--batch-size B] [--seq-len T] [--attention=manual] [--out PNG] [--json]
     python flops.py --peak [--recalibrate] [--json]
 
 FLOPs = 2 per multiply-add everywhere. No config = GPT-2 124M (GPTConfig defaults). Measurements run on
@@ -25,7 +26,7 @@ from model.cli import OneLineParser, duration, human, report_errors, resolve_dev
 from model.config import GPTConfig, help_lines
 from model.flops.formulas import (ADD, ATTN_SCALE, BACKWARD_ELEMENTWISE, CROSS_ENTROPY_PER_LOGIT, CROSS_ENTROPY_PER_ROW,
                                   GELU_TANH, LAYER_NORM_CORE, SOFTMAX)
-from model.flops.papers import paper_table
+from model.flops.papers import paper_table, render_table
 from model.flops.peaks import device_peak, peak_report, resolve_peak
 from model.flops.planner import DEFAULT_MFU, parse_tokens, plan_run
 from model.flops.plots import plot_profile
@@ -33,7 +34,7 @@ from model.training.recipe import load_model_config
 
 USAGE = ("python flops.py [CONFIG.toml] [--key=value ...] [--batch-size B] [--seq-len T] [--json] "
          "[--sweep OUT_DIR] | --plan --tokens N [--device NAME | --peak-flops F] [--mfu M] | --paper NAME | "
-         "--profile [--out PNG] | --peak [--recalibrate]")
+         "--profile [--out PNG] | --tools [--out PNG] | --peak [--recalibrate]")
 
 
 def model_keys_help(path: str | None, overrides: list[str]) -> str:
@@ -60,10 +61,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                                    "palm, megatron, nanogpt")
     p.add_argument("--profile", action="store_true", help="time forward, backward and optimizer step per "
                                                           "component on this device (writes a PNG with --out)")
+    p.add_argument("--tools", action="store_true", help="run every installed FLOP counter (fvcore, FlopCounterMode, "
+                   "ptflops, thop, calflops, DeepSpeed) on this GPT beside the exact count (PNG: --out)")
     p.add_argument("--peak", action="store_true", help="the peak FLOP/s MFU uses on this machine, and its source")
     p.add_argument("--recalibrate", action="store_true", help="--peak: measure the CPU calibration again "
                                                               "(best of 5 trials) and replace the cached one")
-    p.add_argument("--out", metavar="PNG", help="--profile: where to write the FLOP-share vs time-share plot")
+    p.add_argument("--out", metavar="PNG", help="--profile / --tools: where to write the picture")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     if "-h" in argv or "--help" in argv:  # the help lists the model keys with this command's values
         known, overrides = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])
@@ -181,32 +184,11 @@ def render_plan(p: dict) -> str:
 # ----------------------------------------------------------------------------------------------------
 # --paper
 
-def _g(x) -> str:
-    if x is None:
-        return "—"
-    return f"{x:,}" if isinstance(x, int) and abs(x) < 10 ** 12 else f"{x:.4g}"
-
-
-def render_paper(table: dict) -> str:
-    rows = table["rows"]
-    lines = [f"{table['paper']}: {table['source']}",
-             f"{'row':<50}{'published':>16}{'ours':>16}{'exact':>16}{'ours/pub':>10}{'exact/pub':>10}"]
-    notes = []
-    for i, r in enumerate(rows):
-        ratio = "—" if r["exact_over_published"] is None else f"{r['exact_over_published']:.4f}"
-        lines.append(f"{r['name'][:49]:<50}{_g(r['published']):>16}{_g(r['ours']):>16}{_g(r['exact']):>16}"
-                     f"{r['ours_over_published']:>10.4f}{ratio:>10}")
-        if i == 0 or r["convention"] != rows[i - 1]["convention"]:  # a run of rows sharing one is listed once
-            notes.append(f"  {r['name']}: {r['convention']}")
-    return "\n".join(lines + ["", "conventions (ours = the paper's convention applied to our formulas; exact = "
-                                   "this project's matmul count):"] + notes)
-
-
 def run_paper(args) -> int:
     if args.plan or args.profile or args.sweep:
         raise ValueError("--paper takes no --plan, --profile or --sweep")
     table = paper_table(args.paper)
-    print(dump_json(table) if args.json else render_paper(table))
+    print(dump_json(table) if args.json else render_table(table))
     return 0
 
 
@@ -286,6 +268,10 @@ def run(args, overrides: list[str], start: float) -> int:
         return 0
     if args.profile:
         return run_profile(cfg, args, T)
+    if args.tools:  # model/flops/tools.py
+        from model.flops.tools_report import run_tools
+        device = resolve_device(args.device or "cpu", "--device")
+        return run_tools(cfg, args.batch_size, T, as_json=args.json, out=args.out, device=str(device))
     if args.tokens is not None or args.device is not None or args.peak_flops is not None or args.mfu is not None:
         raise ValueError("--tokens, --device, --peak-flops and --mfu need --plan")
     from model.flops import report  # torch loads here: --help and usage errors come before it
