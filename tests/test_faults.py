@@ -1030,18 +1030,20 @@ def test_killing_a_sweep_stops_its_training_child(dataset, tmp_path):
     sweep_proc = subprocess.Popen([sys.executable, str(ROOT / "scaling.py"), *TINY_SWEEP, f"--dataset={dataset}",
                                    "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
-    def child_pid() -> int | None:
+    def child_pid() -> int | None:  # the train.py holding a point's lock (the sweep takes it a moment first)
         for lock in out.glob(f"points/*/{LOCK_NAME}"):
             text = lock.read_text().strip()
-            if text.isdigit():
+            if text.isdigit() and int(text) != sweep_proc.pid:
                 return int(text)
         return None
-    wait_for(lambda: child_pid() is not None, timeout=180)
-    pid = child_pid()
-    sweep_proc.kill()
-    sweep_proc.wait()
-    wait_for(lambda: not alive(pid), timeout=60)
-    OutDirLock(next(out.glob(f"points/*/{LOCK_NAME}")).parent).acquire().release()  # free for a rerun at once
+    try:
+        wait_for(lambda: child_pid() is not None, timeout=180)
+        pid = child_pid()
+    finally:
+        sweep_proc.kill()
+        sweep_proc.wait()
+    wait_for(lambda: not alive(pid), timeout=120)  # SIGTERM from the kernel: it saves and exits
+    OutDirLock(next(out.glob(f"points/*/{LOCK_NAME}")).parent).acquire(wait_s=30).release()  # free for a rerun
 
 
 def test_a_metrics_record_that_cannot_be_written_names_the_file(tmp_path):
