@@ -73,7 +73,8 @@ def test_text_report(capsys):
 def test_vocab_size_from_the_dataset_meta(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ds").mkdir()
-    (tmp_path / "ds" / "meta.json").write_text(json.dumps({"vocab_size": 65, "dtype": "uint16", "tokenizer": "char"}))
+    (tmp_path / "ds" / "meta.json").write_text(json.dumps({"vocab_size": 65, "dtype": "uint16", "tokenizer": "char",
+                                                          "chars": [chr(32 + i) for i in range(65)]}))
     (tmp_path / "c.toml").write_text('dataset = "ds"\nn_layer = 1\nn_head = 2\nn_embd = 8\nblock_size = 4\n'
                                      'batch_size = 32\nlr = 1e-3\n')
     out = run_json(["c.toml"], capsys)

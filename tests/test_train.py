@@ -100,7 +100,7 @@ def test_resume_is_bit_exact(dataset, tmp_path):
 def test_refuses_to_overwrite_and_checks_resume(dataset, tmp_path):
     model_cfg, cfg = cfgs(dataset, tmp_path / "run", max_iters=3)
     train_mod.train(model_cfg, cfg)
-    with pytest.raises(ValueError, match="already holds a checkpoint.*--resume.*--overwrite"):
+    with pytest.raises(ValueError, match="already holds a run \(last.pt, best.pt, metrics.jsonl\).*--resume.*--overwrite"):
         train_mod.train(model_cfg, cfg)
     with pytest.raises(ValueError, match="different model config"):
         train_mod.train(replace(model_cfg, n_layer=3), replace(cfg, resume=True, max_iters=4))
