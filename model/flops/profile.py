@@ -31,7 +31,7 @@ MODULES = ((".attn.c_attn", "qkv"), (".attn.c_proj", "attn_proj"), (".mlp.c_fc",
 FUSED = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
 SOFTMAX_OPS = ("_softmax", "softmax", "_safe_softmax", "_softmax_backward_data")
 CROSS_ENTROPY_OPS = ("_log_softmax", "_log_softmax_backward_data", "nll_loss_forward", "nll_loss_backward",
-                     "nll_loss", "cross_entropy_loss", "nll_loss_nd")
+                     "nll_loss", "cross_entropy_loss", "nll_loss_nd", "_to_copy")  # _to_copy: logits.float()
 
 
 def component_flops(cfg: GPTConfig, batch: int, seq_len: int, fused: bool) -> dict[str, int]:
@@ -82,7 +82,9 @@ class _OpTimer(TorchDispatchMode):
             return "cross_entropy" if op in CROSS_ENTROPY_OPS else "other"
         if where != "attention":
             return where
-        if any(name in op for name in FUSED):
+        if op == "copy_":  # the only copy_ in the attention module: new keys and values into the cache
+            return "kv_cache"
+        if self.fused or any(name in op for name in FUSED):  # everything of a fused attention module
             self.fused = True
             return "attention_fused"
         if op in SOFTMAX_OPS:
@@ -107,6 +109,7 @@ def _hook(model: GPT, timer: _OpTimer) -> list:
         timer.stack.pop()
 
     handles = []
+    timer.fused = any(getattr(m, "flash", False) for m in model.modules())  # SDPA: attention is one row
     for name, module in model.named_modules():
         component = next((c for suffix, c in MODULES if name.endswith(suffix)), None)
         if component is None:
