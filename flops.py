@@ -7,6 +7,7 @@ training step per component; show the peak FLOP/s behind MFU.
     python flops.py --paper gpt3|chinchilla|kaplan|palm|megatron|nanogpt [--json]
     python flops.py [CONFIG.toml] --profile [--batch-size B] [--device cpu|cuda] [--out PNG] [--json]
     python flops.py --peak [--recalibrate] [--json]
+    python flops.py [CONFIG.toml] --roofline [--batch-size B] [--context S] [--device cpu|h100|...] [--out PNG]
 
 FLOPs = 2 per multiply-add everywhere. No config = GPT-2 124M (GPTConfig defaults). Measurements run on
 meta tensors: exact, and fast (no weights are allocated).
@@ -24,7 +25,7 @@ from pathlib import Path
 
 USAGE = ("python flops.py [CONFIG.toml] [--key=value ...] [--batch-size B] [--seq-len T] [--json] "
          "[--sweep OUT_DIR] | --plan --tokens N [--device NAME | --peak-flops F] [--mfu M] | --paper NAME | "
-         "--profile [--out PNG] | --peak [--recalibrate]")
+         "--profile [--out PNG] | --peak [--recalibrate] | --roofline [--context S] [--out PNG]")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,6 +54,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--batch-size", "--batch_size", type=int, default=1,
                    help="sequences per forward (default %(default)s)")
     p.add_argument("--seq-len", "--seq_len", type=int, default=None, help="tokens per sequence (default block_size)")
+    p.add_argument("--context", type=int, default=None, help="decode step's keys for bytes and --roofline "
+                                                              "(default block_size)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="bytes and --roofline: the weights' dtype (default float32; bfloat16 for a GPU --device)")
+    p.add_argument("--roofline", action="store_true", help="training and decode step against the FLOP and "
+                                                           "bandwidth roofs (writes a PNG with --out)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--sweep", metavar="OUT_DIR", help="sweep width, depth and seq_len; write CSV + PNG plots")
     p.add_argument("--plan", action="store_true", help="training compute of --tokens tokens at seq_len")
@@ -137,9 +144,10 @@ def check_sweep(cfg, batch: int, seq_len: int, out_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 # The report: everything computed once, rendered as tables or JSON
 
-def report(cfg, batch: int, seq_len: int) -> dict:
+def report(cfg, batch: int, seq_len: int, context: int | None = None, dtype: str = "float32") -> dict:
     from model.flops import approximations
     from model.flops import formulas as flops
+    from model.flops.bytes import bytes_report
     from model.flops.counters import build_model, fvcore_count, torch_count
     fwd = flops.forward(cfg, batch, seq_len)
     train = flops.train_step(cfg, batch, seq_len)
@@ -169,6 +177,7 @@ def report(cfg, batch: int, seq_len: int) -> dict:
                                   "compared_with": a.compared_with, "source": a.source}
                            for name, a in approximations.audit(cfg, batch, seq_len).items()},
         "fvcore_unsupported_ops": fv.unsupported,
+        "bytes": bytes_report(cfg, batch, seq_len, context or cfg.block_size, dtype),
     }
 
 
@@ -241,7 +250,8 @@ def render(rep: dict, note: str) -> str:
                      f"{a['compared_with']}: {a['source']}")
     if rep["fvcore_unsupported_ops"]:
         lines.append(f"fvcore ops without a rule: {rep['fvcore_unsupported_ops']}")
-    return "\n".join(lines)
+    from model.flops.roofline import render_bytes
+    return "\n".join(lines + ["", render_bytes(rep["bytes"])])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -443,7 +453,7 @@ def run_paper(args) -> int:
 
 def run_peak(args) -> int:
     import torch
-    from model.flops.peaks import cache_path, calibrated_cpu_peak, device_peak, hardware_cpu_peak
+    from model.flops.peaks import cache_path, calibrated_cpu_peak, device_bandwidth, device_peak, hardware_cpu_peak
     if not args.peak:
         raise ValueError("--recalibrate goes with --peak")
     device = profile_device(args.device)
@@ -456,7 +466,9 @@ def run_peak(args) -> int:
                        "calibrated_flops": calibrated and calibrated.flops,
                        "calibrated_source": calibrated and calibrated.source, "cache": str(cache_path())})
     peak = device_peak(device, args.peak_flops or 0.0)
-    result.update({"peak_flops": peak.flops, "peak_source": peak.source, "peak_messages": peak.messages})
+    bandwidth = device_bandwidth(device, recalibrate=args.recalibrate)
+    result.update({"peak_flops": peak.flops, "peak_source": peak.source, "peak_messages": peak.messages,
+                   "bandwidth": bandwidth.flops, "bandwidth_source": bandwidth.source})
     if args.json:
         print(dump_json(result))
         return 0
@@ -512,6 +524,25 @@ def run_profile(cfg, args, seq_len: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# --roofline
+
+def run_roofline(cfg, args, seq_len: int, context: int) -> int:
+    from model.flops.roofline import machine_roofline, plot_roofline, render_roofline
+    if args.plan or args.sweep or args.profile or args.tokens is not None or args.mfu is not None:
+        raise ValueError("--roofline takes no --plan, --sweep, --profile, --tokens or --mfu")
+    gpu = args.device not in (None, "cpu")
+    result = machine_roofline(cfg, args.batch_size, seq_len, context, args.dtype or ("bfloat16" if gpu else "float32"),
+                              args.device)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        plot_roofline(result, args.out, f"roofline on {result['device']}, {result['dtype']}: components at their "
+                                        f"unfused bytes, the step at both conventions")
+        result["png"] = args.out
+    print(dump_json(result) if args.json else render_roofline(result) + (f"\nwrote {args.out}" if args.out else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
@@ -540,6 +571,11 @@ def run(args, overrides: list[str], start: float) -> int:
         result = plan(cfg, T, args)
         print(dump_json(result) if args.json else render_plan(result))
         return 0
+    context = cfg.block_size if args.context is None else args.context
+    if not 0 < context <= cfg.block_size:
+        raise ValueError(f"--context={context} must be in [1, block_size={cfg.block_size}]")
+    if args.roofline:
+        return run_roofline(cfg, args, T, context)
     if args.profile:
         check_sizes(cfg, args.batch_size, T)
         return run_profile(cfg, args, T)
@@ -551,7 +587,7 @@ def run(args, overrides: list[str], start: float) -> int:
             print(f"wrote {path}")
         return 0
     check_sizes(cfg, args.batch_size, T)
-    rep = report(cfg, args.batch_size, T)
+    rep = report(cfg, args.batch_size, T, context, args.dtype or "float32")
     rep["vocab_source"] = note
     rep["seconds"] = round(time.perf_counter() - start, 3)
     print(dump_json(rep) if args.json else render(rep, note) +
