@@ -459,3 +459,21 @@ def bandwidth_by_key(key: str) -> tuple[float, str]:
     """Datasheet bandwidth of a GPU short name (h100, a100, ...: the FLOP table's keys)."""
     entry = peak_by_key(key)
     return gpu_bandwidth(entry.note.split(",")[0])
+
+
+def step_bandwidth(device, world: int = 1) -> Peak | None:
+    """device_bandwidth for `world` such devices, or None where a GPU's bandwidth is unknown (MBU then reads
+    None instead of stopping a training run)."""
+    try:
+        return device_bandwidth(device).scaled(world)
+    except ValueError:
+        return None
+
+
+def mbu_text(mbu: float | None, bandwidth: Peak | None) -> str:
+    """"MBU 12.3% of 33.6 GB/s (source)", for the final lines of train.py and sample.py."""
+    if bandwidth is None or mbu is None:
+        return "MBU unknown (no memory bandwidth known for this device)"
+    if isinstance(mbu, float) and math.isnan(mbu):
+        return "MBU —"
+    return f"MBU {mbu:.1%} of {bandwidth.flops / 1e9:,.1f} GB/s ({bandwidth.source})"
