@@ -244,19 +244,20 @@ def unfused_train_step(cfg: GPTConfig, batch: int, seq_len: int, dtype, *, clip:
 # ----------------------------------------------------------------------------------------------------
 # `minimum` for the forward pass and the training step (decode_minimum_bytes above for decoding)
 
-def forward_minimum_bytes(config: GPTConfig, batch_size: int, seq_len: int, dtype) -> dict[str, int]:
+def forward_minimum_bytes(config: GPTConfig, batch_size: int, seq_len: int, dtype, last_only: bool = False
+                          ) -> dict[str, int]:
     """Minimum bytes of one forward pass over (batch_size, seq_len) tokens -> {"weights", "other", "total"}.
 
     weights: every parameter read once, the tied wte/lm_head once, seq_len rows of the position table
     ((params_total - wpe + seq_len·d)·e). other: the B·T input ids (int64) read and the B·T·V logits written
-    (fp32, as for decoding). Activations stay on chip in a perfect kernel: 0.
+    (B·V with last_only; fp32, as for decoding). Activations stay on chip in a perfect kernel: 0.
     """
     _check_shape(config, batch_size, seq_len, 0)
     e, d = element_size(dtype), config.n_embd
     wpe = config.block_size * d if config.pos_encoding == "learned" else 0
     weights = (params_total(config) - wpe + seq_len * d) * e
     tokens = batch_size * seq_len
-    other = tokens * INDEX_BYTES + tokens * config.vocab_size * LOGIT_BYTES
+    other = tokens * INDEX_BYTES + (batch_size if last_only else tokens) * config.vocab_size * LOGIT_BYTES
     return {"weights": weights, "other": other, "total": weights + other}
 
 

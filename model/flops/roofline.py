@@ -248,3 +248,41 @@ def machine_roofline(cfg: GPTConfig, batch: int, seq_len: int, context: int, dty
     result = roofline(cfg, batch, seq_len, context, dtype, peak.flops, bandwidth.flops)
     result.update(device=device or "cpu", peak_source=peak.source, bandwidth_source=bandwidth.source)
     return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoding measured against the roofs (sample.py, model.generate(stats=...))
+
+def decoding_summary(cfg: GPTConfig, runs: list[dict], dtype, peak, bandwidth) -> dict | None:
+    """Tokens/s, achieved minimum-bytes GB/s, MBU and MFU of the decode steps of generate calls, from the
+    `stats` dicts generate filled. The first call of each (the prompt's prefill) is left out; every later
+    call is a decode step (or, past block_size, a window rebuild) with the schedule of
+    formulas.generation_calls: its minimum bytes (bytes.py) and exact FLOPs. `peak` and `bandwidth` are
+    peaks.Peak objects (raised, and saying so, by a faster rate). None when no call decoded a second token."""
+    tokens, seconds, nbytes_, flops = 0, 0.0, 0, 0
+    for s in runs:
+        calls = formulas.generation_calls(cfg, s["prompt_len"], s["new_tokens"], batch=s["rows"],
+                                          use_cache=s["use_cache"])[1:]
+        if not calls:
+            continue
+        tokens += s["rows"] * len(calls)
+        seconds += s["seconds"] - s["prefill_seconds"]
+        for rows, q_len, past in calls:
+            flops += formulas.step(cfg, rows, q_len, past, last_only=True).total
+            nbytes_ += (nbytes.decode_minimum_bytes(cfg, rows, past + 1, dtype) if q_len == 1 else
+                        nbytes.forward_minimum_bytes(cfg, rows, q_len, dtype, last_only=True))["total"]
+    if not tokens or seconds <= 0:
+        return None
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "bytes": nbytes_,
+            "bytes_per_s": nbytes_ / seconds, "mbu": bandwidth.mfu(nbytes_ / seconds) if bandwidth else None,
+            "flops": flops, "flops_per_s": flops / seconds, "mfu": peak.mfu(flops / seconds)}
+
+
+def decoding_line(summary: dict | None, peak, bandwidth) -> str:
+    """sample.py's last line."""
+    from .peaks import mbu_text
+    if summary is None:
+        return "decoding: no decode steps (one new token or fewer per call)"
+    return (f"decoding: {summary['tokens_per_s']:,.1f} tokens/s over {summary['tokens']:,} tokens, "
+            f"{summary['bytes_per_s'] / 1e9:,.2f} GB/s minimum bytes, {mbu_text(summary['mbu'], bandwidth)}, "
+            f"MFU {summary['mfu']:.2%} of {peak.describe()}")
