@@ -51,8 +51,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = _Parser(prog="flops.py", usage=USAGE, allow_abbrev=False, description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="TOML config (train.py's files work; train keys are ignored)")
-    p.add_argument("--batch-size", "--batch_size", type=int, default=1,
-                   help="sequences per forward (default %(default)s)")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=None,
+                   help="sequences per forward (default 1; --profile: the config's batch_size)")
     p.add_argument("--seq-len", "--seq_len", type=int, default=None, help="tokens per sequence (default block_size)")
     p.add_argument("--context", type=int, default=None, help="decode step's keys for bytes and --roofline "
                                                               "(default block_size)")
@@ -81,6 +81,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument {arg!r}; usage: {USAGE}")
     return args, rest
+
+
+def config_batch_size(path: str | None) -> int:
+    """The training batch_size a config file sets (TrainConfig's default without one)."""
+    from model import TrainConfig
+    from model.config import read_toml
+    return int((read_toml(path) if path else {}).get("batch_size", TrainConfig().batch_size))
 
 
 def load_config(path: str | None, overrides: list[str]):
@@ -492,29 +499,41 @@ def profile_device(name: str | None):
 
 
 def render_profile(r: dict) -> str:
-    lines = [f"profile: {r['device']}, batch {r['batch_size']} x seq_len {r['seq_len']}, mean of {r['steps']} "
+    def num(x, scale=1e9, fmt=",.1f"):
+        return "—" if x is None else format(x / scale, fmt)
+
+    lines = [f"profile: {r['device']}, batch {r['batch_size']} x seq_len {r['seq_len']}, median of {r['steps']} "
              f"profiled training steps (forward + backward + clip + AdamW); attention: {r['attention']}",
-             f"{'component':<17}{'FLOPs':>18}{'ms':>10}{'GFLOP/s':>10}{'FLOPs %':>9}{'time %':>8}"]
+             f"{'component':<17}{'FLOPs':>16}{'MB':>10}{'FLOP/B':>8}{'ms':>9}{'GFLOP/s':>9}{'GB/s':>8}{'roof':>8}"
+             f"{'FLOPs %':>9}{'time %':>8}"]
     for row in r["rows"]:
-        rate = "—" if row["flops_per_s"] is None else f"{row['flops_per_s'] / 1e9:,.1f}"
-        lines.append(f"{row['component']:<17}{row['flops']:>18,}{row['seconds'] * 1e3:>10.2f}{rate:>10}"
-                     f"{row['flop_share']:>9.1%}{row['time_share']:>8.1%}")
-    lines += [f"{'step (profiled)':<17}{r['all_flops']:>18,}{r['step_seconds'] * 1e3:>10.2f}",
+        lines.append(f"{row['component']:<17}{row['flops']:>16,}{num(row['bytes'], 1e6, ',.2f'):>10}"
+                     f"{num(row['intensity'], 1, '.3g'):>8}{row['seconds'] * 1e3:>9.2f}{num(row['flops_per_s']):>9}"
+                     f"{num(row['bytes_per_s']):>8}{row['roof'] or '—':>8}{row['flop_share']:>9.1%}"
+                     f"{row['time_share']:>8.1%}")
+    lines += [f"{'step':<17}{r['all_flops']:>16,}{'':>27}{r['step_seconds'] * 1e3:>9.2f}",
+              f"profiled step {r['profiled_step_seconds'] * 1e3:.2f} ms, less the timer's cost "
+              f"{r['timer_seconds'] * 1e3:.2f} ms (measured at batch 1 x 2, same ops) = {r['step_seconds'] * 1e3:.2f} "
+              f"ms = {r['overhead']:.2f}x the unprofiled step",
+              f"roof: memory or compute, the component's intensity (unfused bytes) against the ridge "
+              f"{r['peak_flops'] / r['bandwidth']:.3g} FLOP/B of {r['bandwidth'] / 1e9:,.1f} GB/s "
+              f"({r['bandwidth_source']})" if r["bandwidth"] else "roof: no bandwidth known for this device",
               f"unprofiled step {r['unprofiled_step_seconds'] * 1e3:.2f} ms: {r['model_flops']:,} matmul FLOPs "
               f"(the MFU count) at {r['flops_per_s'] / 1e9:,.1f} GFLOP/s = MFU {r['mfu']:.1%} of "
               f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_source']})",
               "FLOPs of non-matmul rows follow formulas.py's per-element conventions; 'other' is the step time no "
-              "component claims (residual adds, embedding, Python, the per-op timer)"]
+              "component claims (residual adds, embedding, Python)"]
     return "\n".join(lines + r["peak_messages"])
 
 
 def run_profile(cfg, args, seq_len: int) -> int:
-    from model.flops.peaks import device_peak
+    from model.flops.peaks import device_peak, step_bandwidth
     from model.flops.profile import plot_profile, profile_step
     if args.plan or args.sweep or args.tokens is not None or args.mfu is not None:
         raise ValueError("--profile takes no --plan, --sweep, --tokens or --mfu")
     device = profile_device(args.device)
-    result = profile_step(cfg, args.batch_size, seq_len, device, device_peak(device, args.peak_flops or 0.0))
+    result = profile_step(cfg, args.batch_size, seq_len, device, device_peak(device, args.peak_flops or 0.0),
+                          bandwidth=step_bandwidth(device))
     out = Path(args.out or "flops_profile.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_profile(result, out)
@@ -561,6 +580,8 @@ def run(args, overrides: list[str], start: float) -> int:
     T = cfg.block_size if args.seq_len is None else args.seq_len
     if not 0 < T <= cfg.block_size:
         raise ValueError(f"--seq-len={T} must be in [1, block_size={cfg.block_size}]")
+    if args.batch_size is None:
+        args.batch_size = config_batch_size(args.config) if args.profile else 1
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
     if args.peak or args.recalibrate:
