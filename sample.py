@@ -14,18 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_CKPTS = (Path("out/default/best.pt"), Path("out/default/last.pt"))  # what `python train.py` writes
-ENDOFTEXT = "<|endoftext|>"
+from model.cli import OneLineParser, UsageError, report_errors, resolve_device
+from model.config import check
+from model.training.tokenizer import ENDOFTEXT, StreamPrinter, cut_at_eot, encode_prompt
+
+DEFAULT_OUT_DIR = Path("out/default")  # what `python train.py` writes
 SEPARATOR = "-" * 40
-
-
-class UsageError(ValueError):
-    """Bad command-line input: reported as one line on stderr with exit code 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message; the project's CLIs print one line
-        raise UsageError(message)
 
 
 def build_parser() -> OneLineParser:
@@ -62,7 +56,6 @@ def build_parser() -> OneLineParser:
 
 
 def check_args(args) -> None:
-    from model.config import check
     check("--num-samples", args.num_samples, low=1)
     check("--max-new-tokens", args.max_new_tokens, low=1)
     check("--temperature", args.temperature, float, low=0)
@@ -80,23 +73,23 @@ def check_args(args) -> None:
 
 def load(args, device):
     """(model, tokenizer) from --hf, --ckpt or the default checkpoint."""
-    from model import GPT
+    from model import GPT  # torch loads here: --help and usage errors come before it
+    from model.gpt.weights import OUT_DIR_CHECKPOINTS, out_dir_checkpoint
     from model.training.checkpoint import load_model
     from model.training.tokenizer import gpt2_tokenizer, load_tokenizer
-
     if args.hf:
         model = GPT.from_pretrained(args.hf, device=device)
         tokenizer = gpt2_tokenizer(args.bpe_file)
     else:
-        path = Path(args.ckpt) if args.ckpt else next((p for p in DEFAULT_CKPTS if p.is_file()), None)
+        path = Path(args.ckpt) if args.ckpt else out_dir_checkpoint(DEFAULT_OUT_DIR)
         if path is not None and path.is_dir():  # a train.py out_dir: its best checkpoint, else its last
-            found = next((path / n for n in ("best.pt", "last.pt") if (path / n).is_file()), None)
-            if found is None:
-                raise FileNotFoundError(f"no checkpoint in directory {path}: best.pt and last.pt not found")
-            path = found
+            path, given = out_dir_checkpoint(path), path
+            if path is None:
+                raise FileNotFoundError(f"no checkpoint in directory {given}: best.pt and last.pt not found")
         if path is None:
-            raise FileNotFoundError(f"no checkpoint: {DEFAULT_CKPTS[0]} and {DEFAULT_CKPTS[1]} not found "
-                                    f"(train one with `python train.py`, or pass --ckpt / --hf)")
+            tried = " and ".join(str(DEFAULT_OUT_DIR / name) for name in OUT_DIR_CHECKPOINTS)
+            raise FileNotFoundError(f"no checkpoint: {tried} not found (train one with `python train.py`, or pass "
+                                    f"--ckpt / --hf)")
         model, info = load_model(path, device=device)
         if not isinstance(info.get("meta"), dict):
             raise ValueError(f"{path}: the checkpoint carries no tokenizer metadata ('meta')")
@@ -124,59 +117,9 @@ def prompt_text(args, tokenizer) -> str:
     return start
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of text; a literal <|endoftext|> becomes the end-of-text token where the tokenizer has one."""
-    eot = tokenizer.eot_token_id
-    if eot is None:
-        return tokenizer.encode(text)
-    ids: list[int] = []
-    for i, piece in enumerate(text.split(ENDOFTEXT)):
-        if i:
-            ids.append(eot)
-        ids.extend(tokenizer.encode(piece))
-    return ids
-
-
-def cut_at_eot(ids: list[int], prompt_len: int, eot: int | None) -> list[int]:
-    """The prompt plus the generated tokens before the first end-of-text token (which is dropped)."""
-    if eot is not None and eot in ids[prompt_len:]:
-        return ids[:ids.index(eot, prompt_len)]
-    return ids
-
-
-class StreamPrinter:
-    """on_token callback: print the text one sample gains with each token, as soon as it is whole.
-
-    Decodes the ids so far and prints what is new; a byte-level tokenizer may stop in the middle of a
-    UTF-8 character (decoded as U+FFFD), so the tail is held back until the character is complete.
-    """
-
-    def __init__(self, tokenizer, prompt_ids: list[int], out):
-        self.tokenizer, self.ids, self.out = tokenizer, list(prompt_ids), out
-        self.shown = len(tokenizer.decode(self.ids))
-        self.done = False
-
-    def __call__(self, tokens) -> None:
-        tok = int(tokens[0])
-        if self.done or tok == self.tokenizer.eot_token_id:
-            self.done = True
-            return
-        self.ids.append(tok)
-        text = self.tokenizer.decode(self.ids)
-        whole = text.rstrip("\ufffd")
-        if len(whole) > self.shown:
-            self.out.write(whole[self.shown:])
-            self.out.flush()
-            self.shown = len(whole)
-
-    def finish(self) -> None:
-        text = self.tokenizer.decode(self.ids)
-        self.out.write(text[self.shown:] + "\n")  # whatever was held back (an unfinished character)
-
-
 def check_memory(args, config, prompt_len: int, device) -> None:
     """Refuse, before generating, what cannot fit: KV cache, token buffer and logits of every row."""
-    from model.training.memory import check_fits, sampling_bytes
+    from model.training.memory import check_fits, sampling_bytes  # torch
     beams = args.num_beams > 1
     rows = args.num_beams if beams else 1 if args.stream else args.num_samples
     total = prompt_len + args.max_new_tokens
@@ -187,7 +130,7 @@ def check_memory(args, config, prompt_len: int, device) -> None:
 def run(args, out=None) -> None:
     import torch
 
-    from model.cli import resolve_device
+    from model.flops.roofline import decoding_report
     out = sys.stdout if out is None else out
     device = resolve_device(args.device, "--device")
     model, tokenizer = load(args, device)
@@ -209,7 +152,7 @@ def run(args, out=None) -> None:
             runs.append({})
             model.generate(idx, args.max_new_tokens, on_token=printer, stats=runs[-1], **sampling)
             printer.finish()
-        return print_decoding(model, runs, device)
+        return print(decoding_report(model, runs, device), file=sys.stderr)
     if args.num_beams > 1:
         seqs, _ = model.beam_search(idx, args.max_new_tokens, num_beams=args.num_beams,
                                     length_penalty=args.length_penalty, eos_token_id=eot,
@@ -221,29 +164,18 @@ def run(args, out=None) -> None:
         if i:
             out.write(SEPARATOR + "\n")
         out.write(tokenizer.decode(cut_at_eot(row, len(ids), eot)) + "\n")
-    print_decoding(model, runs, device)
-
-
-def print_decoding(model, runs: list[dict], device) -> None:
-    """One line on stderr: decoding tokens/s, minimum-bytes GB/s, MBU and MFU (model/flops/roofline.py)."""
-    if not runs:
-        return
-    from model.flops.peaks import device_peak, step_bandwidth
-    from model.flops.roofline import decoding_line, decoding_summary
-    peak, bandwidth = device_peak(device), step_bandwidth(device)
-    dtype = next(model.parameters()).dtype
-    print(decoding_line(decoding_summary(model.config, runs, dtype, peak, bandwidth), peak, bandwidth),
-          file=sys.stderr)
+    print(decoding_report(model, runs, device), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)  # --help ends here, before torch is imported (fast)
-    except UsageError as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 2
-    from model.cli import report_errors
-    return report_errors("sample.py", lambda: check_args(args) or run(args) or 0, debug=args.debug)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return report_errors("sample.py", lambda: run_args(build_parser().parse_args(argv)), debug="--debug" in argv)
+
+
+def run_args(args) -> int:
+    check_args(args)
+    run(args)
+    return 0
 
 
 if __name__ == "__main__":

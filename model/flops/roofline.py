@@ -286,3 +286,12 @@ def decoding_line(summary: dict | None, peak, bandwidth) -> str:
     return (f"decoding: {summary['tokens_per_s']:,.1f} tokens/s over {summary['tokens']:,} tokens, "
             f"{summary['bytes_per_s'] / 1e9:,.2f} GB/s minimum bytes, {mbu_text(summary['mbu'], bandwidth)}, "
             f"MFU {summary['mfu']:.2%} of {peak.describe()}")
+
+
+def decoding_report(model, runs: list[dict], device) -> str:
+    """sample.py's last line for the generate calls whose `stats` dicts are `runs`, against the peaks of
+    `device` (peaks.device_peak, peaks.step_bandwidth) and the model's weight dtype."""
+    from .peaks import device_peak, step_bandwidth
+    peak, bandwidth = device_peak(device), step_bandwidth(device)
+    dtype = next(model.parameters()).dtype
+    return decoding_line(decoding_summary(model.config, runs, dtype, peak, bandwidth), peak, bandwidth)
