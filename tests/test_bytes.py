@@ -140,3 +140,18 @@ def test_counter_rules():
 def test_unfused_train_step_rejects_dropout():
     with pytest.raises(ValueError, match="dropout"):
         nbytes.unfused_train_step(tiny(dropout=0.1), 1, 2, "float32")
+
+
+@pytest.mark.parametrize("attention, dtype", [("sdpa", "float32"), ("manual", "bfloat16")])
+def test_fake_tensor_count_equals_real(attention, dtype):
+    from model.flops.byte_counter import count_steps
+    cfg = tiny(n_head=2, n_embd=8, block_size=8, vocab_size=11, attention=attention, pos_encoding="learned")
+    fake = count_steps(cfg, 2, 5, 7, dtype)
+    model = model_in(cfg, dtype)
+    assert fake["forward"] == counted(count_forward(model, torch.zeros(2, 5, dtype=torch.long),
+                                                    tracker=_OpTimer(torch.device("cpu"))))
+    assert fake["decode_step"] == counted(count_forward(model, torch.zeros(2, 1, dtype=torch.long), past=6,
+                                                        last_only=True, tracker=_OpTimer(torch.device("cpu"))))
+    real = count_train_step(model, torch.zeros(2, 5, dtype=torch.long), adamw(model, 1e-3, 0.1, (0.9, 0.95), "cpu"),
+                            tracker=_OpTimer(torch.device("cpu")))
+    assert fake["train_step"] == counted(real) == nbytes.unfused_train_step(cfg, 2, 5, dtype)

@@ -243,29 +243,37 @@ def calibrated_cpu_peak(recalibrate: bool = False, trials: int = 5, measure: boo
     cache_path(). recalibrate=True measures again and replaces the cached figure; measure=False only reads
     the cache (None when it holds nothing for this machine)."""
     import torch
-    precision = torch.get_float32_matmul_precision()
-    path, key = cache_path(), _calibration_key(precision)
+    return _cached_best(_calibration_key(torch.get_float32_matmul_precision()), "flops",
+                        lambda: measure_cpu_peak(repeats=3), "CPU calibrated", "FLOP/s", recalibrate, trials, measure)
+
+
+def _cached_best(key: str, field: str, measure_once, label: str, unit: str, recalibrate: bool, trials: int,
+                 measure: bool) -> Peak | None:
+    """The figure cached in cache_path() under `key`, or (missing, or recalibrate) the best of `trials`
+    measure_once() calls with pauses between them, so one busy moment cannot set it, cached there; measure=False
+    only reads the cache (None when it holds nothing for this machine)."""
+    path = cache_path()
     cache = _read_cache(path)
     entry = cache.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0 \
+    if isinstance(entry, dict) and isinstance(entry.get(field), (int, float)) and entry[field] > 0 \
             and not recalibrate:
-        return Peak(float(entry["flops"]), f"CPU calibrated {entry.get('when', '')}: best of {entry.get('trials')} "
-                                           f"trials, cached in {path}")
+        return Peak(float(entry[field]), f"{label} {entry.get('when', '')}: best of {entry.get('trials')} trials, "
+                                         f"cached in {path}", unit=unit)
     if not measure:
         return None
     best = 0.0
     for i in range(trials):
         if i:
             time.sleep(0.05)
-        best = max(best, measure_cpu_peak(repeats=3))
+        best = max(best, measure_once())
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    cache[key] = {"flops": best, "trials": trials, "when": when}
+    cache[key] = {field: best, "trials": trials, "when": when}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cache, indent=1, allow_nan=False))
     except OSError:  # a read-only home still gets a peak, only uncached
         pass
-    return Peak(best, f"CPU calibrated {when}: best of {trials} trials, cached in {path}")
+    return Peak(best, f"{label} {when}: best of {trials} trials, cached in {path}", unit=unit)
 
 
 def device_peak(device, override: float = 0.0, recalibrate: bool = False) -> Peak:
@@ -365,29 +373,9 @@ def calibrated_cpu_bandwidth(recalibrate: bool = False, trials: int = 5, measure
     """The best of `trials` measure_cpu_bandwidth runs (a pause between them), cached per CPU model, thread
     count and torch version beside the FLOP calibration in cache_path(); recalibrate=True measures again;
     measure=False only reads the cache (None when it holds nothing for this machine)."""
-    path = cache_path()
     key = "bandwidth | " + _calibration_key("-").rsplit(" | matmul precision", 1)[0]
-    cache = _read_cache(path)
-    entry = cache.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("bytes_per_s"), (int, float)) and entry["bytes_per_s"] > 0 \
-            and not recalibrate:
-        return Peak(float(entry["bytes_per_s"]), f"CPU STREAM copy/triad, measured {entry.get('when', '')}: best of "
-                                                 f"{entry.get('trials')} trials, cached in {path}", unit="B/s")
-    if not measure:
-        return None
-    best = 0.0
-    for i in range(trials):
-        if i:
-            time.sleep(0.05)
-        best = max(best, measure_cpu_bandwidth())
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    cache[key] = {"bytes_per_s": best, "trials": trials, "when": when, "array_bytes": stream_array_bytes()}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cache, indent=1, allow_nan=False))
-    except OSError:
-        pass
-    return Peak(best, f"CPU STREAM copy/triad, measured {when}: best of {trials} trials, cached in {path}", unit="B/s")
+    return _cached_best(key, "bytes_per_s", measure_cpu_bandwidth, "CPU STREAM copy/triad, measured", "B/s",
+                        recalibrate, trials, measure)
 
 
 def device_bandwidth(device, override: float = 0.0, recalibrate: bool = False) -> Peak:
