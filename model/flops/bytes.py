@@ -204,7 +204,7 @@ def _attention_backward(t: _Tally, cfg: GPTConfig, B: int, T: int, e: int) -> No
         t.add("attn_scores", L * (2 * scores * e + T * S))
     t.add("attn_scores", L * 2 * scores * e)  # the scale's backward
     t.add("attn_scores", L * 2 * (scores + 2 * N * d) * e)  # dq = g k, dkᵀ = qᵀ g
-    if nh > 1 and T > 1:
+    if nh > 1 and T > 1 and cfg.head_dim > 1:  # dq, dk back to (B, T, C): (nh, hs) views cannot merge
         t.add("attn_scores", L * 2 * 2 * N * d * e)
     t.add("attn_scores", L * 6 * N * d * e)  # split's backward: cat of dq, dk, dv
 
