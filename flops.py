@@ -7,6 +7,7 @@ training step per component; show the peak FLOP/s behind MFU.
     python flops.py --paper gpt3|chinchilla|kaplan|palm|megatron|nanogpt [--json]
     python flops.py [CONFIG.toml] --profile [--batch-size B] [--device cpu|cuda] [--out PNG] [--json]
     python flops.py --peak [--recalibrate] [--json]
+    python flops.py [CONFIG.toml] --roofline [--batch-size B] [--context S] [--device cpu|h100|...] [--out PNG]
 
 FLOPs = 2 per multiply-add everywhere. No config = GPT-2 124M (GPTConfig defaults). Measurements run on
 meta tensors: exact, and fast (no weights are allocated).
@@ -24,7 +25,7 @@ from pathlib import Path
 
 USAGE = ("python flops.py [CONFIG.toml] [--key=value ...] [--batch-size B] [--seq-len T] [--json] "
          "[--sweep OUT_DIR] | --plan --tokens N [--device NAME | --peak-flops F] [--mfu M] | --paper NAME | "
-         "--profile [--out PNG] | --peak [--recalibrate]")
+         "--profile [--out PNG] | --peak [--recalibrate] | --roofline [--context S] [--out PNG]")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,9 +51,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = _Parser(prog="flops.py", usage=USAGE, allow_abbrev=False, description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="TOML config (train.py's files work; train keys are ignored)")
-    p.add_argument("--batch-size", "--batch_size", type=int, default=1,
-                   help="sequences per forward (default %(default)s)")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=None,
+                   help="sequences per forward (default 1; --profile: the config's batch_size)")
     p.add_argument("--seq-len", "--seq_len", type=int, default=None, help="tokens per sequence (default block_size)")
+    p.add_argument("--context", type=int, default=None, help="decode step's keys for bytes and --roofline "
+                                                              "(default block_size)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="bytes and --roofline: the weights' dtype (default float32; bfloat16 for a GPU --device)")
+    p.add_argument("--roofline", action="store_true", help="training and decode step against the FLOP and "
+                                                           "bandwidth roofs (writes a PNG with --out)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--sweep", metavar="OUT_DIR", help="sweep width, depth and seq_len; write CSV + PNG plots")
     p.add_argument("--plan", action="store_true", help="training compute of --tokens tokens at seq_len")
@@ -74,6 +81,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         if not arg.startswith("--"):
             raise ValueError(f"unexpected argument {arg!r}; usage: {USAGE}")
     return args, rest
+
+
+def config_batch_size(path: str | None) -> int:
+    """The training batch_size a config file sets (TrainConfig's default without one)."""
+    from model import TrainConfig
+    from model.config import read_toml
+    return int((read_toml(path) if path else {}).get("batch_size", TrainConfig().batch_size))
 
 
 def load_config(path: str | None, overrides: list[str]):
@@ -137,9 +151,10 @@ def check_sweep(cfg, batch: int, seq_len: int, out_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 # The report: everything computed once, rendered as tables or JSON
 
-def report(cfg, batch: int, seq_len: int) -> dict:
+def report(cfg, batch: int, seq_len: int, context: int | None = None, dtype: str = "float32") -> dict:
     from model.flops import approximations
     from model.flops import formulas as flops
+    from model.flops.bytes import bytes_report
     from model.flops.counters import build_model, fvcore_count, torch_count
     fwd = flops.forward(cfg, batch, seq_len)
     train = flops.train_step(cfg, batch, seq_len)
@@ -169,6 +184,7 @@ def report(cfg, batch: int, seq_len: int) -> dict:
                                   "compared_with": a.compared_with, "source": a.source}
                            for name, a in approximations.audit(cfg, batch, seq_len).items()},
         "fvcore_unsupported_ops": fv.unsupported,
+        "bytes": bytes_report(cfg, batch, seq_len, context or cfg.block_size, dtype),
     }
 
 
@@ -241,7 +257,8 @@ def render(rep: dict, note: str) -> str:
                      f"{a['compared_with']}: {a['source']}")
     if rep["fvcore_unsupported_ops"]:
         lines.append(f"fvcore ops without a rule: {rep['fvcore_unsupported_ops']}")
-    return "\n".join(lines)
+    from model.flops.roofline import render_bytes
+    return "\n".join(lines + ["", render_bytes(rep["bytes"])])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -443,7 +460,7 @@ def run_paper(args) -> int:
 
 def run_peak(args) -> int:
     import torch
-    from model.flops.peaks import cache_path, calibrated_cpu_peak, device_peak, hardware_cpu_peak
+    from model.flops.peaks import cache_path, calibrated_cpu_peak, device_bandwidth, device_peak, hardware_cpu_peak
     if not args.peak:
         raise ValueError("--recalibrate goes with --peak")
     device = profile_device(args.device)
@@ -456,7 +473,9 @@ def run_peak(args) -> int:
                        "calibrated_flops": calibrated and calibrated.flops,
                        "calibrated_source": calibrated and calibrated.source, "cache": str(cache_path())})
     peak = device_peak(device, args.peak_flops or 0.0)
-    result.update({"peak_flops": peak.flops, "peak_source": peak.source, "peak_messages": peak.messages})
+    bandwidth = device_bandwidth(device, recalibrate=args.recalibrate)
+    result.update({"peak_flops": peak.flops, "peak_source": peak.source, "peak_messages": peak.messages,
+                   "bandwidth": bandwidth.flops, "bandwidth_source": bandwidth.source})
     if args.json:
         print(dump_json(result))
         return 0
@@ -480,34 +499,65 @@ def profile_device(name: str | None):
 
 
 def render_profile(r: dict) -> str:
-    lines = [f"profile: {r['device']}, batch {r['batch_size']} x seq_len {r['seq_len']}, mean of {r['steps']} "
+    def num(x, scale=1e9, fmt=",.1f"):
+        return "—" if x is None else format(x / scale, fmt)
+
+    lines = [f"profile: {r['device']}, batch {r['batch_size']} x seq_len {r['seq_len']}, median of {r['steps']} "
              f"profiled training steps (forward + backward + clip + AdamW); attention: {r['attention']}",
-             f"{'component':<17}{'FLOPs':>18}{'ms':>10}{'GFLOP/s':>10}{'FLOPs %':>9}{'time %':>8}"]
+             f"{'component':<17}{'FLOPs':>16}{'MB':>10}{'FLOP/B':>8}{'ms':>9}{'GFLOP/s':>9}{'GB/s':>8}{'roof':>8}"
+             f"{'FLOPs %':>9}{'time %':>8}"]
     for row in r["rows"]:
-        rate = "—" if row["flops_per_s"] is None else f"{row['flops_per_s'] / 1e9:,.1f}"
-        lines.append(f"{row['component']:<17}{row['flops']:>18,}{row['seconds'] * 1e3:>10.2f}{rate:>10}"
-                     f"{row['flop_share']:>9.1%}{row['time_share']:>8.1%}")
-    lines += [f"{'step (profiled)':<17}{r['all_flops']:>18,}{r['step_seconds'] * 1e3:>10.2f}",
+        lines.append(f"{row['component']:<17}{row['flops']:>16,}{num(row['bytes'], 1e6, ',.2f'):>10}"
+                     f"{num(row['intensity'], 1, '.3g'):>8}{row['seconds'] * 1e3:>9.2f}{num(row['flops_per_s']):>9}"
+                     f"{num(row['bytes_per_s']):>8}{row['roof'] or '—':>8}{row['flop_share']:>9.1%}"
+                     f"{row['time_share']:>8.1%}")
+    lines += [f"{'step':<17}{r['all_flops']:>16,}{'':>27}{r['step_seconds'] * 1e3:>9.2f}",
+              f"profiled step {r['profiled_step_seconds'] * 1e3:.2f} ms, less the timer's cost "
+              f"{r['timer_seconds'] * 1e3:.2f} ms (measured at batch 1 x 2, same ops) = {r['step_seconds'] * 1e3:.2f} "
+              f"ms = {r['overhead']:.2f}x the unprofiled step",
+              f"roof: memory or compute, the component's intensity (unfused bytes) against the ridge "
+              f"{r['peak_flops'] / r['bandwidth']:.3g} FLOP/B of {r['bandwidth'] / 1e9:,.1f} GB/s "
+              f"({r['bandwidth_source']})" if r["bandwidth"] else "roof: no bandwidth known for this device",
               f"unprofiled step {r['unprofiled_step_seconds'] * 1e3:.2f} ms: {r['model_flops']:,} matmul FLOPs "
               f"(the MFU count) at {r['flops_per_s'] / 1e9:,.1f} GFLOP/s = MFU {r['mfu']:.1%} of "
               f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_source']})",
               "FLOPs of non-matmul rows follow formulas.py's per-element conventions; 'other' is the step time no "
-              "component claims (residual adds, embedding, Python, the per-op timer)"]
+              "component claims (residual adds, embedding, Python)"]
     return "\n".join(lines + r["peak_messages"])
 
 
 def run_profile(cfg, args, seq_len: int) -> int:
-    from model.flops.peaks import device_peak
+    from model.flops.peaks import device_peak, step_bandwidth
     from model.flops.profile import plot_profile, profile_step
     if args.plan or args.sweep or args.tokens is not None or args.mfu is not None:
         raise ValueError("--profile takes no --plan, --sweep, --tokens or --mfu")
     device = profile_device(args.device)
-    result = profile_step(cfg, args.batch_size, seq_len, device, device_peak(device, args.peak_flops or 0.0))
+    result = profile_step(cfg, args.batch_size, seq_len, device, device_peak(device, args.peak_flops or 0.0),
+                          bandwidth=step_bandwidth(device))
     out = Path(args.out or "flops_profile.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_profile(result, out)
     result["png"] = str(out)
     print(dump_json(result) if args.json else render_profile(result) + f"\nwrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# --roofline
+
+def run_roofline(cfg, args, seq_len: int, context: int) -> int:
+    from model.flops.roofline import machine_roofline, plot_roofline, render_roofline
+    if args.plan or args.sweep or args.profile or args.tokens is not None or args.mfu is not None:
+        raise ValueError("--roofline takes no --plan, --sweep, --profile, --tokens or --mfu")
+    gpu = args.device not in (None, "cpu")
+    result = machine_roofline(cfg, args.batch_size, seq_len, context, args.dtype or ("bfloat16" if gpu else "float32"),
+                              args.device)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        plot_roofline(result, args.out, f"roofline on {result['device']}, {result['dtype']}: components at their "
+                                        f"unfused bytes, the step at both conventions")
+        result["png"] = args.out
+    print(dump_json(result) if args.json else render_roofline(result) + (f"\nwrote {args.out}" if args.out else ""))
     return 0
 
 
@@ -530,6 +580,8 @@ def run(args, overrides: list[str], start: float) -> int:
     T = cfg.block_size if args.seq_len is None else args.seq_len
     if not 0 < T <= cfg.block_size:
         raise ValueError(f"--seq-len={T} must be in [1, block_size={cfg.block_size}]")
+    if args.batch_size is None:
+        args.batch_size = config_batch_size(args.config) if args.profile else 1
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
     if args.peak or args.recalibrate:
@@ -540,6 +592,11 @@ def run(args, overrides: list[str], start: float) -> int:
         result = plan(cfg, T, args)
         print(dump_json(result) if args.json else render_plan(result))
         return 0
+    context = cfg.block_size if args.context is None else args.context
+    if not 0 < context <= cfg.block_size:
+        raise ValueError(f"--context={context} must be in [1, block_size={cfg.block_size}]")
+    if args.roofline:
+        return run_roofline(cfg, args, T, context)
     if args.profile:
         check_sizes(cfg, args.batch_size, T)
         return run_profile(cfg, args, T)
@@ -551,7 +608,7 @@ def run(args, overrides: list[str], start: float) -> int:
             print(f"wrote {path}")
         return 0
     check_sizes(cfg, args.batch_size, T)
-    rep = report(cfg, args.batch_size, T)
+    rep = report(cfg, args.batch_size, T, context, args.dtype or "float32")
     rep["vocab_source"] = note
     rep["seconds"] = round(time.perf_counter() - start, 3)
     print(dump_json(rep) if args.json else render(rep, note) +

@@ -204,25 +204,41 @@ def run(args, out=None) -> None:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eot,
                     generator=generator)
+    runs = []  # one stats dict per generate call, for the decoding line at the end
     if args.stream:
         for i in range(args.num_samples):
             if i:
                 out.write(SEPARATOR + "\n")
             out.write(tokenizer.decode(ids))
             printer = StreamPrinter(tokenizer, ids, out)
-            model.generate(idx, args.max_new_tokens, on_token=printer, **sampling)
+            runs.append({})
+            model.generate(idx, args.max_new_tokens, on_token=printer, stats=runs[-1], **sampling)
             printer.finish()
-        return
+        return print_decoding(model, runs, device)
     if args.num_beams > 1:
         seqs, _ = model.beam_search(idx, args.max_new_tokens, num_beams=args.num_beams,
                                     length_penalty=args.length_penalty, eos_token_id=eot,
                                     num_return_sequences=args.num_samples)
     else:
-        seqs = model.generate(idx.expand(args.num_samples, -1), args.max_new_tokens, **sampling)
+        runs.append({})
+        seqs = model.generate(idx.expand(args.num_samples, -1), args.max_new_tokens, stats=runs[-1], **sampling)
     for i, row in enumerate(seqs.tolist()):
         if i:
             out.write(SEPARATOR + "\n")
         out.write(tokenizer.decode(cut_at_eot(row, len(ids), eot)) + "\n")
+    print_decoding(model, runs, device)
+
+
+def print_decoding(model, runs: list[dict], device) -> None:
+    """One line on stderr: decoding tokens/s, minimum-bytes GB/s, MBU and MFU (model/flops/roofline.py)."""
+    if not runs:
+        return
+    from model.flops.peaks import device_peak, step_bandwidth
+    from model.flops.roofline import decoding_line, decoding_summary
+    peak, bandwidth = device_peak(device), step_bandwidth(device)
+    dtype = next(model.parameters()).dtype
+    print(decoding_line(decoding_summary(model.config, runs, dtype, peak, bandwidth), peak, bandwidth),
+          file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

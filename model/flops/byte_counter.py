@@ -59,7 +59,7 @@ def _mutated(func, args, kwargs) -> list:
 def op_bytes(func, args, kwargs, result) -> tuple[int, int]:
     """(read, written) bytes of one aten op under the unfused convention."""
     name = func.overloadpacket.__name__
-    if func.is_view or name in FREE_OPS:
+    if func.is_view or name in FREE_OPS or func.namespace == "prim":  # prim::device, prim::layout: metadata
         return 0, 0
     mutated = _tensors(_mutated(func, args, kwargs))
     written = _tensors((result, mutated))
@@ -138,13 +138,19 @@ def count_train_step(model, idx, optimizer, clip: float = 1.0, tracker=None):
     from ..training.optim import clip_and_step
     from .profile import _hook
 
+    fake = _is_fake(idx)
+
     def step(phase=lambda p: None):
         phase("forward")
         _, loss = model(idx, idx)
         phase("backward")
         (loss / 1).backward()
         phase("optimizer")
-        clip_and_step(optimizer, clip)
+        if fake and clip > 0:  # clip_grad_norm_ takes its per-tensor path on fake tensors: its foreach one here
+            _clip_foreach(optimizer, clip)
+            optimizer.step()
+        else:
+            clip_and_step(optimizer, clip)
         optimizer.zero_grad(set_to_none=True)
 
     was = model.training
@@ -160,3 +166,56 @@ def count_train_step(model, idx, optimizer, clip: float = 1.0, tracker=None):
             h.remove()
         model.train(was)
     return counter
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "FakeTensor"
+
+
+def _clip_foreach(optimizer, max_norm: float) -> None:
+    """torch.nn.utils.clip_grad_norm_'s foreach path on CPU tensors, op for op (norms, their norm, the
+    clamped coefficient, one foreach multiply), for fake tensors, where torch would loop over the tensors."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, coef)
+
+
+def fake_model(cfg, dtype=torch.float32):
+    """(GPT(cfg) with fake CPU tensors in `dtype`, its FakeTensorMode): shapes, strides and CPU kernels'
+    choices without memory or arithmetic, so GPT-2-sized steps are counted in seconds. Run the count inside
+    `with mode:`; tests check that it equals the count on real tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from ..gpt.gpt import GPT
+    mode = FakeTensorMode()
+    with mode:
+        model = GPT(cfg)
+        for module in model.modules():  # Module.to cannot swap fake parameters: convert in place
+            for p in module._parameters.values():
+                if p is not None and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+            for key, b in module._buffers.items():
+                if b is not None and b.is_floating_point():
+                    module._buffers[key] = b.to(dtype)
+    return model, mode
+
+
+def count_steps(cfg, batch: int, seq_len: int, context: int, dtype) -> dict[str, dict[str, int]]:
+    """Counted unfused bytes per component of a forward pass (batch x seq_len, logits on every position), a
+    training step (the same tokens) and a decode step (batch rows, `context` keys), on fake CPU tensors."""
+    from ..training.optim import adamw
+    from .profile import _OpTimer
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model, mode = fake_model(cfg, dtype)
+    out = {}
+    with mode:
+        idx = torch.zeros(batch, seq_len, dtype=torch.long)
+        tracker = _OpTimer(torch.device("cpu"))
+        out["forward"] = count_forward(model, idx, tracker=tracker).by_component
+        tracker = _OpTimer(torch.device("cpu"))
+        out["decode_step"] = count_forward(model, torch.zeros(batch, 1, dtype=torch.long), past=context - 1,
+                                           last_only=True, tracker=tracker).by_component
+        tracker = _OpTimer(torch.device("cpu"))
+        optimizer = adamw(model, 1e-3, 0.1, (0.9, 0.95), "cpu")
+        out["train_step"] = count_train_step(model, idx, optimizer, 1.0, tracker=tracker).by_component
+    return {step: {k: v for k, v in parts.items() if v} for step, parts in out.items()}

@@ -244,19 +244,20 @@ def unfused_train_step(cfg: GPTConfig, batch: int, seq_len: int, dtype, *, clip:
 # ----------------------------------------------------------------------------------------------------
 # `minimum` for the forward pass and the training step (decode_minimum_bytes above for decoding)
 
-def forward_minimum_bytes(config: GPTConfig, batch_size: int, seq_len: int, dtype) -> dict[str, int]:
+def forward_minimum_bytes(config: GPTConfig, batch_size: int, seq_len: int, dtype, last_only: bool = False
+                          ) -> dict[str, int]:
     """Minimum bytes of one forward pass over (batch_size, seq_len) tokens -> {"weights", "other", "total"}.
 
     weights: every parameter read once, the tied wte/lm_head once, seq_len rows of the position table
     ((params_total - wpe + seq_len·d)·e). other: the B·T input ids (int64) read and the B·T·V logits written
-    (fp32, as for decoding). Activations stay on chip in a perfect kernel: 0.
+    (B·V with last_only; fp32, as for decoding). Activations stay on chip in a perfect kernel: 0.
     """
     _check_shape(config, batch_size, seq_len, 0)
     e, d = element_size(dtype), config.n_embd
     wpe = config.block_size * d if config.pos_encoding == "learned" else 0
     weights = (params_total(config) - wpe + seq_len * d) * e
     tokens = batch_size * seq_len
-    other = tokens * INDEX_BYTES + tokens * config.vocab_size * LOGIT_BYTES
+    other = tokens * INDEX_BYTES + (batch_size if last_only else tokens) * config.vocab_size * LOGIT_BYTES
     return {"weights": weights, "other": other, "total": weights + other}
 
 
@@ -278,3 +279,39 @@ def train_minimum_bytes(config: GPTConfig, batch_size: int, seq_len: int, dtype,
     state = 4 * P * e
     other = grad_accum * 2 * batch_size * seq_len * INDEX_BYTES + 4
     return {"weights": weights, "optimizer_state": state, "other": other, "total": weights + state + other}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report of flops.py: analytic and counted, both conventions
+
+def bytes_report(cfg: GPTConfig, batch: int, seq_len: int, context: int, dtype) -> dict:
+    """flops.py's `bytes` section: for forward (batch x seq_len), train_step (the same, clip + AdamW) and
+    decode_step (batch rows, `context` keys): {"unfused": {"analytic", "counted", "components"}, "minimum",
+    "dtype"}; decode_step also gives its minimum's parts and its batch and context."""
+    from .byte_counter import count_steps
+    check("context", context, int, 1, cfg.block_size)
+    name = str(dtype).replace("torch.", "")
+    element_size(dtype)
+    counted = count_steps(cfg, batch, seq_len, context, dtype)
+    train_analytic = None
+    if not cfg.dropout:
+        train_analytic = unfused_train_step(cfg, batch, seq_len, dtype)
+    analytic = {"forward": unfused_forward(cfg, batch, seq_len, dtype), "train_step": train_analytic,
+                "decode_step": unfused_decode(cfg, batch, context, dtype)}
+    minimum = {"forward": forward_minimum_bytes(cfg, batch, seq_len, dtype),
+               "train_step": train_minimum_bytes(cfg, batch, seq_len, dtype),
+               "decode_step": decode_minimum_bytes(cfg, batch, context, dtype)}
+    out = {}
+    for step, parts in analytic.items():
+        comps = parts if parts is not None else counted[step]
+        out[step] = {"unfused": {"analytic": None if parts is None else sum(parts.values()),
+                                 "counted": sum(counted[step].values()),
+                                 "components": {k: {"analytic": None if parts is None else parts.get(k, 0),
+                                                    "counted": counted[step].get(k, 0)} for k in comps}},
+                     "minimum": minimum[step]["total"], "dtype": name}
+        if parts is None:
+            out[step]["unfused"]["note"] = "dropout > 0: the analytic formulas cover dropout=0 only"
+    out["decode_step"].update(minimum_components={k: v for k, v in minimum["decode_step"].items() if k != "total"},
+                              batch_size=batch, context=context)
+    out["train_step"]["minimum_components"] = {k: v for k, v in minimum["train_step"].items() if k != "total"}
+    return out

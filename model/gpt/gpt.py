@@ -199,16 +199,17 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True, on_token=None,
-                 fast: bool = True, dtype=None) -> torch.Tensor:
+                 stats: dict | None = None, fast: bool = True, dtype=None) -> torch.Tensor:
         """Sample (temperature 0: greedy) up to max_new_tokens after idx (B, T) -> (B, T + n).
 
-        Stops early once every row has emitted eos_token_id. fast: the decoding path of model.gpt.decode;
-        dtype: weights and cache in bfloat16/float16. See model.gpt.sampling.generate.
+        Stops early once every row has emitted eos_token_id. stats (a dict) receives the call's timing: see
+        model.gpt.sampling.generate and model.flops.roofline.decoding_summary (tokens/s, GB/s, MBU, MFU).
+        fast: the decoding path of model.gpt.decode; dtype: weights and cache in bfloat16/float16.
         """
         from .sampling import generate  # sampling drives the model: imported where used, not at load
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_token_id=eos_token_id, generator=generator, use_cache=use_cache, on_token=on_token,
-                        fast=fast, dtype=dtype)
+                        stats=stats, fast=fast, dtype=dtype)
 
     def beam_search(self, idx: torch.Tensor, max_new_tokens: int, *, num_beams: int, length_penalty: float = 1.0,
                     early_stopping: bool | str = False, eos_token_id: int | None = None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -215,8 +216,8 @@ class _EvalMode:
 def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
              generator: torch.Generator | None = None, use_cache: bool = True,
-             on_token: Callable[[torch.Tensor], None] | None = None, fast: bool = True,
-             dtype: torch.dtype | str | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None, stats: dict | None = None,
+             fast: bool = True, dtype: torch.dtype | str | None = None) -> torch.Tensor:
     """Extend each prompt row of idx (B, T) by up to max_new_tokens tokens -> (B, T + n), n <= max_new_tokens.
 
     temperature=0 is greedy (argmax); otherwise logits / temperature, then top-k, then top-p, then one draw
@@ -225,10 +226,13 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
     every row has finished (as transformers does), so n can be < max_new_tokens. on_token, when given, is
     called with the (B,) tokens of each step (streaming). Runs under torch.inference_mode() in eval mode and
     restores the model's train/eval mode afterwards. use_cache=False recomputes the whole (cropped) context
-    each step; both give the same tokens. fast=True (with the cache) decodes through model.gpt.decode, else
-    through the model's forward: the same function. dtype ("bfloat16", "float16" on CUDA, "float32"; None:
-    the model's) holds the weights and the cache in that precision (a cast copy of the weights, made per call:
-    cast the model once to avoid it); logits and sampling stay in float32.
+    each step; both give the same tokens. stats, when given (a dict), receives rows, prompt_len, new_tokens,
+    use_cache, prefill_seconds (up to the first token) and seconds (all): two clock reads (and, on CUDA, two
+    syncs) per call; model.flops.roofline.decoding_summary turns them into tokens/s, GB/s, MBU and MFU.
+    fast=True (with the cache) decodes through model.gpt.decode, else through the model's forward: the same
+    function. dtype ("bfloat16", "float16" on CUDA, "float32"; None: the model's) holds the weights and the
+    cache in that precision (a cast copy of the weights, made per call: cast the model once to avoid it);
+    logits and sampling stay in float32.
     """
     _check_prompt(model, idx)
     check("max_new_tokens", max_new_tokens, int, 0)
@@ -242,9 +246,12 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
         window = _Window(model, B, T + max_new_tokens, use_cache, fast, dtype)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_token_id is not None else None
         length = T
-        for _ in range(max_new_tokens):
+        start = time.perf_counter()
+        for step in range(max_new_tokens):
             logits = window.logits(out, length)  # (B, V)
             tok = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if stats is not None and step == 0:
+                stats["prefill_seconds"] = _elapsed(start, idx.device)
             if finished is not None:
                 tok = tok.masked_fill(finished, eos_token_id)  # (B,) finished rows are padded with eos
                 finished |= tok == eos_token_id
@@ -254,7 +261,16 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
                 on_token(tok)
             if finished is not None and bool(finished.all()):
                 break
+        if stats is not None:
+            stats.update(rows=B, prompt_len=T, new_tokens=length - T, use_cache=use_cache,
+                         seconds=_elapsed(start, idx.device))
         return out[:, :length]
+
+
+def _elapsed(start: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------------------------
