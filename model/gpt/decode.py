@@ -5,8 +5,8 @@ bandwidth: a good step streams each weight once and does little else. `Decoder` 
 GPT.forward(idx, kv_cache=cache, last_only=True) with:
 - the weights as plain tensors (no nn.Module calls, no per-call input checks, the q/k/v split and the cache
   write as views): fewer Python-level ops per token, which is what bounds small models;
-- one matrix-vector product per weight for a single row (torch.addmv): in bf16/fp16 it runs torch's
-  reduced-precision gemv (fp32 accumulation), which streams the weight faster than F.linear's one-row gemm;
+- each matrix stored for its cheapest kernel (_Linear): fp32 transposed once for torch.addmm; bf16/fp16 as
+  is, a single row through torch.addmv (torch's reduced-precision gemv, fp32 accumulation);
 - weights and KV cache in `dtype` (bfloat16: half the bytes, so about twice the tokens/s at the memory
   roof); logits are returned in float32, and all sampling arithmetic stays in float32.
 Measured figures: docs/sampling.md. The reference path (fast=False) runs the model's own forward.
