@@ -49,6 +49,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--stream", action="store_true",
                    help="print tokens as they are generated (samples one after another; not with beams)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weights and KV cache in this precision, logits in float32; float16 on CUDA only "
+                   "(default %(default)s)")
     p.add_argument("--bpe-file", metavar="PATH", help="GPT-2 ranks file r50k_base.tiktoken, for the GPT-2 "
                    "tokenizer offline; default: tiktoken's download and cache")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -134,6 +137,8 @@ def run(args, out=None) -> None:
     out = sys.stdout if out is None else out
     device = resolve_device(args.device, "--device")
     model, tokenizer = load(args, device)
+    from model.gpt.decode import resolve_dtype
+    model.to(resolve_dtype(args.dtype, device, "--dtype"))  # half the bytes per token in bf16 (docs/sampling.md)
     text = prompt_text(args, tokenizer)
     ids = encode_prompt(tokenizer, text)
     eot = tokenizer.eot_token_id

@@ -131,6 +131,17 @@ def test_same_seed_same_text_and_greedy_matches_the_api(monkeypatch, capsys, run
     assert samples(out) == [greedy, greedy + "\n"]
 
 
+def test_bfloat16_samples_like_the_api_in_bfloat16(monkeypatch, capsys, run_dir):
+    args = ("--start", "the ", "--num-samples", "1", "--max-new-tokens", "30", "--temperature", "0")
+    code, out, _ = cli(monkeypatch, capsys, run_dir, *args, "--dtype", "bfloat16")
+    assert code == 0
+    model, info = load_model(run_dir / "out" / "default" / "best.pt")
+    chars = info["meta"]["chars"]
+    idx = torch.tensor([[chars.index(ch) for ch in "the "]])
+    greedy = "".join(chars[i] for i in model.generate(idx, 30, temperature=0, dtype="bfloat16")[0].tolist())
+    assert out == greedy + "\n"
+
+
 def test_beam_search_matches_the_api(monkeypatch, capsys, run_dir):
     code, out, _ = cli(monkeypatch, capsys, run_dir, "--start", "a cat", "--num-beams", "3", "--num-samples", "2",
                        "--max-new-tokens", "20", "--length-penalty", "0.5")
@@ -178,6 +189,8 @@ def test_start_from_file(monkeypatch, capsys, run_dir, tmp_path):
     (["--ckpt", "/nonexistent/ckpt.pt"], "checkpoint not found: /nonexistent/ckpt.pt"),
     (["--hf", "/nonexistent/gpt2"], "/nonexistent/gpt2"),
     (["--device", "tpu"], "--device"),
+    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    (["--dtype", "float16"], "--dtype float16 needs a CUDA device"),
 ])
 def test_bad_input_is_one_line_exit_2(monkeypatch, capsys, run_dir, args, match):
     code, out, err = cli(monkeypatch, capsys, run_dir, *args)
