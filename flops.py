@@ -1,6 +1,6 @@
 """Count the model's FLOPs three ways (analytic formulas, fvcore, torch FlopCounterMode) and audit the
 famous approximations; plan the compute of a training run; reproduce the papers' own FLOP tables; time a
-training step per component; show the peak FLOP/s behind MFU.
+training step per component; show the peak FLOP/s behind MFU; count the bytes and draw the roofline.
 
     python flops.py [CONFIG.toml] [--key=value ...] [--batch-size B] [--seq-len T] [--json] [--sweep OUT_DIR]
     python flops.py [CONFIG.toml] --plan --tokens N [--device NAME | --peak-flops F] [--mfu M] [--json]
@@ -8,6 +8,7 @@ training step per component; show the peak FLOP/s behind MFU.
     python flops.py [CONFIG.toml] --profile [--batch-size B] [--device cpu|cuda] [--out PNG] [--json]
     python flops.py [CONFIG.toml] --tools [--batch-size B] [--seq-len T] [--attention=manual] [--out PNG] [--json]
     python flops.py --peak [--recalibrate] [--json]
+    python flops.py [CONFIG.toml] --roofline [--batch-size B] [--context S] [--device cpu|h100|...] [--out PNG]
 
 FLOPs = 2 per multiply-add everywhere. No config = GPT-2 124M (GPTConfig defaults). Measurements run on
 meta tensors: exact, and fast (no weights are allocated).
@@ -27,7 +28,7 @@ from model.config import GPTConfig, help_lines
 from model.flops.formulas import (ADD, ATTN_SCALE, BACKWARD_ELEMENTWISE, CROSS_ENTROPY_PER_LOGIT, CROSS_ENTROPY_PER_ROW,
                                   GELU_TANH, LAYER_NORM_CORE, SOFTMAX)
 from model.flops.papers import paper_table, render_table
-from model.flops.peaks import device_peak, peak_report, resolve_peak
+from model.flops.peaks import device_peak, peak_report, resolve_peak, step_bandwidth
 from model.flops.planner import DEFAULT_MFU, parse_tokens, plan_run
 from model.flops.plots import plot_profile
 from model.training.recipe import load_model_config
@@ -47,9 +48,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = OneLineParser(prog="flops.py", usage=USAGE, allow_abbrev=False, description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="TOML config (train.py's files work; train keys are ignored)")
-    p.add_argument("--batch-size", "--batch_size", type=int, default=1,
+    p.add_argument("--batch-size", "--batch_size", type=int, default=None,
                    help="sequences per forward (default %(default)s)")
     p.add_argument("--seq-len", "--seq_len", type=int, default=None, help="tokens per sequence (default block_size)")
+    p.add_argument("--context", type=int, default=None, help="decode step's keys for bytes and --roofline "
+                                                              "(default block_size)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="bytes and --roofline: the weights' dtype (default float32; bfloat16 for a GPU --device)")
+    p.add_argument("--roofline", action="store_true", help="training and decode step against the FLOP and "
+                                                           "bandwidth roofs (writes a PNG with --out)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--sweep", metavar="OUT_DIR", help="sweep width, depth and seq_len; write CSV + PNG plots")
     p.add_argument("--plan", action="store_true", help="training compute of --tokens tokens at seq_len")
@@ -148,7 +155,8 @@ def render(rep: dict, note: str) -> str:
                      f"{a['compared_with']}: {a['source']}")
     if rep["fvcore_unsupported_ops"]:
         lines.append(f"fvcore ops without a rule: {rep['fvcore_unsupported_ops']}")
-    return "\n".join(lines)
+    from model.flops.roofline import render_bytes
+    return "\n".join(lines + ["", render_bytes(rep["bytes"])])
 
 # ----------------------------------------------------------------------------------------------------
 # --plan
@@ -211,19 +219,30 @@ def run_peak(args) -> int:
 # --profile
 
 def render_profile(r: dict) -> str:
-    lines = [f"profile: {r['device']}, batch {r['batch_size']} x seq_len {r['seq_len']}, mean of {r['steps']} "
+    def num(x, scale=1e9, fmt=",.1f"):
+        return "—" if x is None else format(x / scale, fmt)
+
+    lines = [f"profile: {r['device']}, batch {r['batch_size']} x seq_len {r['seq_len']}, median of {r['steps']} "
              f"profiled training steps (forward + backward + clip + AdamW); attention: {r['attention']}",
-             f"{'component':<17}{'FLOPs':>18}{'ms':>10}{'GFLOP/s':>10}{'FLOPs %':>9}{'time %':>8}"]
+             f"{'component':<17}{'FLOPs':>16}{'MB':>10}{'FLOP/B':>8}{'ms':>9}{'GFLOP/s':>9}{'GB/s':>8}{'roof':>8}"
+             f"{'FLOPs %':>9}{'time %':>8}"]
     for row in r["rows"]:
-        rate = "—" if row["flops_per_s"] is None else f"{row['flops_per_s'] / 1e9:,.1f}"
-        lines.append(f"{row['component']:<17}{row['flops']:>18,}{row['seconds'] * 1e3:>10.2f}{rate:>10}"
-                     f"{row['flop_share']:>9.1%}{row['time_share']:>8.1%}")
-    lines += [f"{'step (profiled)':<17}{r['all_flops']:>18,}{r['step_seconds'] * 1e3:>10.2f}",
+        lines.append(f"{row['component']:<17}{row['flops']:>16,}{num(row['bytes'], 1e6, ',.2f'):>10}"
+                     f"{num(row['intensity'], 1, '.3g'):>8}{row['seconds'] * 1e3:>9.2f}{num(row['flops_per_s']):>9}"
+                     f"{num(row['bytes_per_s']):>8}{row['roof'] or '—':>8}{row['flop_share']:>9.1%}"
+                     f"{row['time_share']:>8.1%}")
+    lines += [f"{'step':<17}{r['all_flops']:>16,}{'':>27}{r['step_seconds'] * 1e3:>9.2f}",
+              f"profiled step {r['profiled_step_seconds'] * 1e3:.2f} ms, less the timer's cost "
+              f"{r['timer_seconds'] * 1e3:.2f} ms (measured at batch 1 x 2, same ops) = {r['step_seconds'] * 1e3:.2f} "
+              f"ms = {r['overhead']:.2f}x the unprofiled step",
+              f"roof: memory or compute, the component's intensity (unfused bytes) against the ridge "
+              f"{r['peak_flops'] / r['bandwidth']:.3g} FLOP/B of {r['bandwidth'] / 1e9:,.1f} GB/s "
+              f"({r['bandwidth_source']})" if r["bandwidth"] else "roof: no bandwidth known for this device",
               f"unprofiled step {r['unprofiled_step_seconds'] * 1e3:.2f} ms: {r['model_flops']:,} matmul FLOPs "
               f"(the MFU count) at {r['flops_per_s'] / 1e9:,.1f} GFLOP/s = MFU {r['mfu']:.1%} of "
               f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_source']})",
               "FLOPs of non-matmul rows follow formulas.py's per-element conventions; 'other' is the step time no "
-              "component claims (residual adds, embedding, Python, the per-op timer)"]
+              "component claims (residual adds, embedding, Python)"]
     return "\n".join(lines + r["peak_messages"])
 
 
@@ -234,13 +253,39 @@ def run_profile(cfg, args, seq_len: int) -> int:
         raise ValueError("--profile takes no --plan, --sweep, --tokens or --mfu")
     check_sizes(cfg, args.batch_size, seq_len)
     device = resolve_device(args.device or "auto", "--device")
-    result = profile_step(cfg, args.batch_size, seq_len, device, device_peak(device, args.peak_flops or 0.0))
+    result = profile_step(cfg, args.batch_size, seq_len, device, device_peak(device, args.peak_flops or 0.0),
+                          bandwidth=step_bandwidth(device))
     out = Path(args.out or "flops_profile.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_profile(result, out)
     result["png"] = str(out)
     print(dump_json(result) if args.json else render_profile(result) + f"\nwrote {out}")
     return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# --roofline
+
+def run_roofline(cfg, args, seq_len: int, context: int) -> int:
+    from model.flops.roofline import machine_roofline, plot_roofline, render_roofline  # torch loads here
+    if args.plan or args.sweep or args.profile or args.tokens is not None or args.mfu is not None:
+        raise ValueError("--roofline takes no --plan, --sweep, --profile, --tokens or --mfu")
+    gpu = args.device not in (None, "cpu")
+    result = machine_roofline(cfg, args.batch_size, seq_len, context, args.dtype or ("bfloat16" if gpu else "float32"),
+                              args.device)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        plot_roofline(result, args.out, f"roofline on {result['device']}, {result['dtype']}: components at their "
+                                        f"unfused bytes, the step at both conventions")
+        result["png"] = args.out
+    print(dump_json(result) if args.json else render_roofline(result) + (f"\nwrote {args.out}" if args.out else ""))
+    return 0
+
+
+def config_batch_size(path: str | None) -> int:
+    """The training batch_size a config file sets (TrainConfig's default without one): --profile's default."""
+    from model.config import TrainConfig, read_toml
+    return int((read_toml(path) if path else {}).get("batch_size", TrainConfig().batch_size))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,6 +301,8 @@ def run(args, overrides: list[str], start: float) -> int:
     T = cfg.block_size if args.seq_len is None else args.seq_len
     if not 0 < T <= cfg.block_size:
         raise ValueError(f"--seq-len={T} must be in [1, block_size={cfg.block_size}]")
+    if args.batch_size is None:
+        args.batch_size = config_batch_size(args.config) if args.profile else 1
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
     if args.peak or args.recalibrate:
@@ -266,6 +313,11 @@ def run(args, overrides: list[str], start: float) -> int:
         result = plan(cfg, T, args)
         print(dump_json(result) if args.json else render_plan(result))
         return 0
+    context = cfg.block_size if args.context is None else args.context
+    if not 0 < context <= cfg.block_size:
+        raise ValueError(f"--context={context} must be in [1, block_size={cfg.block_size}]")
+    if args.roofline:
+        return run_roofline(cfg, args, T, context)
     if args.profile:
         return run_profile(cfg, args, T)
     if args.tools:  # model/flops/tools.py
@@ -281,11 +333,11 @@ def run(args, overrides: list[str], start: float) -> int:
             print(f"wrote {path}")
         return 0
     report.check_sizes(cfg, args.batch_size, T)
-    rep = report.report(cfg, args.batch_size, T)
+    rep = report.report(cfg, args.batch_size, T, context, args.dtype or "float32")
     rep["vocab_source"] = note
     rep["seconds"] = round(time.perf_counter() - start, 3)
     print(dump_json(rep) if args.json else render(rep, note) +
-          f"\n\ncounted in {rep['seconds']:.2f} s (after Python started; meta tensors)")
+          f"\n\ncounted in {rep['seconds']:.2f} s (after Python started; FLOPs on meta tensors, bytes on fake ones)")
     return 0
 
 

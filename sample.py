@@ -49,6 +49,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--stream", action="store_true",
                    help="print tokens as they are generated (samples one after another; not with beams)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weights and KV cache in this precision, logits in float32; float16 on CUDA only "
+                   "(default %(default)s)")
     p.add_argument("--bpe-file", metavar="PATH", help="GPT-2 ranks file r50k_base.tiktoken, for the GPT-2 "
                    "tokenizer offline; default: tiktoken's download and cache")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -129,9 +132,13 @@ def check_memory(args, config, prompt_len: int, device) -> None:
 
 def run(args, out=None) -> None:
     import torch
+
+    from model.flops.roofline import decoding_report
     out = sys.stdout if out is None else out
     device = resolve_device(args.device, "--device")
     model, tokenizer = load(args, device)
+    from model.gpt.decode import resolve_dtype
+    model.to(resolve_dtype(args.dtype, device, "--dtype"))  # half the bytes per token in bf16 (docs/sampling.md)
     text = prompt_text(args, tokenizer)
     ids = encode_prompt(tokenizer, text)
     eot = tokenizer.eot_token_id
@@ -140,25 +147,29 @@ def run(args, out=None) -> None:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eot,
                     generator=generator)
+    runs = []  # one stats dict per generate call, for the decoding line at the end
     if args.stream:
         for i in range(args.num_samples):
             if i:
                 out.write(SEPARATOR + "\n")
             out.write(tokenizer.decode(ids))
             printer = StreamPrinter(tokenizer, ids, out)
-            model.generate(idx, args.max_new_tokens, on_token=printer, **sampling)
+            runs.append({})
+            model.generate(idx, args.max_new_tokens, on_token=printer, stats=runs[-1], **sampling)
             printer.finish()
-        return
+        return print(decoding_report(model, runs, device), file=sys.stderr)
     if args.num_beams > 1:
         seqs, _ = model.beam_search(idx, args.max_new_tokens, num_beams=args.num_beams,
                                     length_penalty=args.length_penalty, eos_token_id=eot,
                                     num_return_sequences=args.num_samples)
     else:
-        seqs = model.generate(idx.expand(args.num_samples, -1), args.max_new_tokens, **sampling)
+        runs.append({})
+        seqs = model.generate(idx.expand(args.num_samples, -1), args.max_new_tokens, stats=runs[-1], **sampling)
     for i, row in enumerate(seqs.tolist()):
         if i:
             out.write(SEPARATOR + "\n")
         out.write(tokenizer.decode(cut_at_eot(row, len(ids), eot)) + "\n")
+    print(decoding_report(model, runs, device), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from model import GPTConfig, TrainConfig
 from model.cli import duration, human, pop_debug, report_errors, resolve_device
 from model.config import to_dict
 from model.flops import peaks
+from model.flops.bytes import train_minimum_bytes
 from model.flops.formulas import train_step_flops
 from model.flops.planner import plan_run
 from model.gpt.gpt import GPT
@@ -79,6 +80,8 @@ class Run:
     stop_flag: dict = field(default_factory=dict)  # {"signal": name} once SIGINT/SIGTERM arrived
     peak: Any = None  # a peaks.Peak for all ranks together: value, source, raised by any faster reading
     calibrated_at: float = 0.0
+    bandwidth: Any = None  # a peaks.Peak in B/s for MBU, all ranks together (None: an unknown GPU's)
+    bytes_per_step: int = 0  # minimum bytes of one optimizer step, all ranks together (model/flops/bytes.py)
     metrics: TextIO | None = None
     bar: Any = None
     last_losses: dict[str, float] = field(default_factory=dict)
@@ -170,6 +173,8 @@ def setup(model_cfg, cfg, stop_flag: dict) -> Run:
     T = model_cfg.block_size
     run.tokens_per_step = cfg.batch_size * T * cfg.grad_accum
     run.flops_per_step = train_step_flops(model_cfg, cfg.batch_size, T) * cfg.grad_accum
+    run.bytes_per_step = dist.world * train_minimum_bytes(model_cfg, cfg.batch_size, T, "float32",
+                                                          cfg.grad_accum // dist.world)["total"]
     ckpt = open_resume_checkpoint(run.cfg, to_dict(model_cfg), meta)
     if ckpt is not None:
         run.cfg, notes = resume_changes(ckpt.get("train_config", {}), run.cfg, int(ckpt["step"]))
@@ -182,6 +187,7 @@ def setup(model_cfg, cfg, stop_flag: dict) -> Run:
         restore(run, ckpt)
     run.peak = peaks.device_peak(device, cfg.peak_flops).scaled(dist.world)
     run.calibrated_at = time.perf_counter()
+    run.bandwidth = peaks.step_bandwidth(device, dist.world)
     return run
 
 
@@ -312,7 +318,8 @@ def train_step(run: Run) -> dict:
     run.step_times.append(dt)
     return {"step": run.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm, "dt_ms": dt * 1e3,
             "tokens_per_s": run.tokens_per_step / dt, "mfu": progress_mfu(run, dt), "flops": run.flops_per_step,
-            "flops_per_s": run.flops_per_step / dt}  # MFU against any other peak: flops_per_s / that peak
+            "flops_per_s": run.flops_per_step / dt,  # MFU against any other peak: flops_per_s / that peak
+            "bytes_per_s": run.bytes_per_step / dt, "mbu": progress_mfu(run, dt, bandwidth=True)}
 
 
 def abandon_step(run: Run, start: tuple) -> None:
@@ -329,12 +336,16 @@ def abandon_step(run: Run, start: tuple) -> None:
                           exit_code(name))
 
 
-def progress_mfu(run: Run, seconds: float) -> float:
+def progress_mfu(run: Run, seconds: float, bandwidth: bool = False) -> float | None:
     """MFU of a step that took `seconds`, against the peak of all ranks (the progress line and step records):
-    never above 1, since a faster step raises the peak, and rank 0 says so."""
-    mfu = run.peak.mfu(run.flops_per_step / seconds)
-    while run.peak.messages:
-        message = run.peak.messages.pop(0)
+    never above 1, since a faster step raises the peak, and rank 0 says so. bandwidth=True: MBU, the minimum
+    bytes against the bandwidth peak (None where the GPU's bandwidth is unknown)."""
+    peak = run.bandwidth if bandwidth else run.peak
+    if peak is None:
+        return None
+    mfu = peak.mfu((run.bytes_per_step if bandwidth else run.flops_per_step) / seconds)
+    while peak.messages:
+        message = peak.messages.pop(0)
         if run.dist.master:
             (run.bar.write if run.bar is not None else print)(message, file=sys.stderr)
     return mfu
@@ -437,11 +448,13 @@ def summarize(run: Run) -> dict:
                "median_step_s": median_dt,
                "tokens_per_s": run.tokens_per_step / median_dt if timed else float("nan"),
                "mfu": progress_mfu(run, median_dt) if timed else float("nan"), "peak_flops": run.peak_total,
+               "mbu": progress_mfu(run, median_dt, bandwidth=True) if timed else float("nan"),
                "out_dir": str(run.out_dir)}
     if run.dist.master:
         print(f"done: {done} steps, {summary['tokens']:,} tokens, {summary['flops']:.4g} FLOPs achieved in "
               f"{duration(elapsed)} (median {median_dt * 1e3:.1f} ms/step, {summary['tokens_per_s']:,.0f} tok/s, "
-              f"MFU {summary['mfu']:.1%} of {human(run.peak_total, 'FLOP/s')}, {run.peak.source}); best val loss "
+              f"MFU {summary['mfu']:.1%} of {human(run.peak_total, 'FLOP/s')}, {run.peak.source}; "
+              f"{peaks.mbu_text(summary['mbu'], run.bandwidth)}); best val loss "
               f"{run.best_val:.4f}; "
               f"checkpoints in {run.out_dir}", file=sys.stderr)
     return summary

@@ -136,12 +136,19 @@ def test_cached_equals_uncached(pos, attention, prompt_len, new):
         assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-5)
 
 
-def test_cache_is_reordered_not_recomputed():
+@pytest.mark.parametrize("fast", [True, False])
+def test_cache_is_reordered_not_recomputed(fast, monkeypatch):
+    from model.gpt.decode import Decoder
     model = tiny_gpt(seed=5)
     lengths = []
-    orig = model.forward
-    model.forward = lambda idx, *a, **k: (lengths.append(tuple(idx.shape)), orig(idx, *a, **k))[1]
-    model.beam_search(PROMPTS, 5, num_beams=3)
+    if fast:
+        orig_call = Decoder.__call__
+        monkeypatch.setattr(Decoder, "__call__", lambda self, idx, cache: (lengths.append(tuple(idx.shape)),
+                                                                           orig_call(self, idx, cache))[1])
+    else:
+        orig = model.forward
+        model.forward = lambda idx, *a, **k: (lengths.append(tuple(idx.shape)), orig(idx, *a, **k))[1]
+    model.beam_search(PROMPTS, 5, num_beams=3, fast=fast)
     assert lengths == [(2, 4)] + [(6, 1)] * 4  # one prefill of the 2 prompts, then one token per beam
 
 

@@ -7,6 +7,7 @@ import pytest
 
 import train as train_mod
 from model import GPTConfig, TrainConfig
+from model.flops.bytes import train_minimum_bytes
 from model.flops.formulas import train_step_flops
 
 
@@ -31,3 +32,9 @@ def test_mfu_at_most_one_and_flops_per_s_exact_with_a_peak_forced_low(dataset, t
     assert "the peak is raised to the measured rate" in err
     done = [ln for ln in err.splitlines() if ln.startswith("done:")][0]
     assert "raised to a measured" in done and "given (peak_flops)" in done  # the final line names peak and source
+    # MBU beside MFU: minimum bytes (fp32 weights read twice for 2 micro-batches, written once, AdamW state)
+    step_bytes = train_minimum_bytes(model_cfg, 4, 16, "float32", 2)["total"]
+    for r in steps:
+        assert r["bytes_per_s"] == pytest.approx(step_bytes / (r["dt_ms"] / 1e3), rel=1e-9)
+        assert 0 < r["mbu"] <= 1
+    assert 0 < summary["mbu"] <= 1 and "MBU " in done and "GB/s" in done

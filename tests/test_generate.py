@@ -65,9 +65,19 @@ def test_sampling_cached_equals_uncached_equals_naive(pos, attention, opts):
     assert not torch.equal(other, ref)  # the generator really drives the draws
 
 
-def test_cache_feeds_one_token_per_step_then_rebuilds_once_the_window_slides():
-    model = tiny_gpt(block=8)
+def spy_calls(model, monkeypatch, fast):
+    """Record (new tokens, cached?) of each forward call: the model's own, or the fast Decoder's."""
+    from model.gpt.decode import Decoder
     seen = []
+    if fast:
+        orig_call = Decoder.__call__
+
+        def spy_decoder(self, idx, cache):
+            seen.append((idx.size(1), cache is not None))
+            return orig_call(self, idx, cache)
+
+        monkeypatch.setattr(Decoder, "__call__", spy_decoder)
+        return seen
     orig = model.forward
 
     def spy(idx, *args, **kwargs):
@@ -75,12 +85,19 @@ def test_cache_feeds_one_token_per_step_then_rebuilds_once_the_window_slides():
         return orig(idx, *args, **kwargs)
 
     model.forward = spy
-    model.generate(torch.zeros(1, 3, dtype=torch.long), 9, temperature=0)
+    return seen
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_cache_feeds_one_token_per_step_then_rebuilds_once_the_window_slides(fast, monkeypatch):
+    model = tiny_gpt(block=8)
+    seen = spy_calls(model, monkeypatch, fast)
+    model.generate(torch.zeros(1, 3, dtype=torch.long), 9, temperature=0, fast=fast)
     # prefill 3, then one token at a time up to the full window of 8, then a full re-prefill per step
     assert seen == [(3, True)] + [(1, True)] * 5 + [(8, True)] * 3
     seen.clear()
     model.generate(torch.zeros(1, 3, dtype=torch.long), 4, temperature=0, use_cache=False)
-    assert seen == [(3, False), (4, False), (5, False), (6, False)]
+    assert seen == ([] if fast else [(3, False), (4, False), (5, False), (6, False)])  # no cache: the model's path
 
 
 def test_eos_rows_stop_and_are_padded_and_generation_ends_early():

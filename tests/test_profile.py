@@ -53,6 +53,12 @@ def test_profile_rows_carry_the_formulas_and_mfu_stays_below_one(attention):
     assert r["model_flops"] == f.train_step_flops(cfg, 2, 8)
     assert r["mfu"] == 1.0 and r["peak_flops"] == pytest.approx(r["model_flops"] / r["unprofiled_step_seconds"])
     assert "raised" in r["peak_source"] and "exceeds the peak" in r["peak_messages"][0]
+    # bytes per row: the exact unfused formulas (fp32), the fused attention's parts merged into its row
+    from model.flops.bytes import unfused_train_step
+    parts = unfused_train_step(cfg, 2, 8, "float32")
+    assert sum(row["bytes"] for row in r["rows"]) == sum(parts.values())
+    assert all(row["intensity"] == pytest.approx(row["flops"] / row["bytes"]) for row in r["rows"])
+    assert r["profiled_step_seconds"] >= r["step_seconds"] - 1e-12 and r["timer_seconds"] >= 0
 
 
 PLANT = 2048  # a (2048, 2048) @ (2048, 2048) matmul: 17 GFLOP, far above anything else the tiny model does

@@ -82,7 +82,7 @@ def samples(out: str) -> list[str]:
 
 def test_no_arguments_samples_the_default_checkpoint(monkeypatch, capsys, run_dir):
     code, out, err = cli(monkeypatch, capsys, run_dir)
-    assert code == 0 and err == ""
+    assert code == 0 and len(err.splitlines()) == 1 and err.startswith("decoding: ")  # stderr: that line only
     got = samples(out)
     assert len(got) == 3  # default --num-samples 3, each "\n" + 500 characters, the last with a final newline
     assert [len(s) for s in got] == [501, 501, 502] and all(s.startswith("\n") for s in got)
@@ -129,6 +129,17 @@ def test_same_seed_same_text_and_greedy_matches_the_api(monkeypatch, capsys, run
     idx = torch.tensor([[chars.index(ch) for ch in "the "]])
     greedy = "".join(chars[i] for i in model.generate(idx, 40, temperature=0)[0].tolist())
     assert samples(out) == [greedy, greedy + "\n"]
+
+
+def test_bfloat16_samples_like_the_api_in_bfloat16(monkeypatch, capsys, run_dir):
+    args = ("--start", "the ", "--num-samples", "1", "--max-new-tokens", "30", "--temperature", "0")
+    code, out, _ = cli(monkeypatch, capsys, run_dir, *args, "--dtype", "bfloat16")
+    assert code == 0
+    model, info = load_model(run_dir / "out" / "default" / "best.pt")
+    chars = info["meta"]["chars"]
+    idx = torch.tensor([[chars.index(ch) for ch in "the "]])
+    greedy = "".join(chars[i] for i in model.generate(idx, 30, temperature=0, dtype="bfloat16")[0].tolist())
+    assert out == greedy + "\n"
 
 
 def test_beam_search_matches_the_api(monkeypatch, capsys, run_dir):
@@ -178,6 +189,8 @@ def test_start_from_file(monkeypatch, capsys, run_dir, tmp_path):
     (["--ckpt", "/nonexistent/ckpt.pt"], "checkpoint not found: /nonexistent/ckpt.pt"),
     (["--hf", "/nonexistent/gpt2"], "/nonexistent/gpt2"),
     (["--device", "tpu"], "--device"),
+    (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+    (["--dtype", "float16"], "--dtype float16 needs a CUDA device"),
 ])
 def test_bad_input_is_one_line_exit_2(monkeypatch, capsys, run_dir, args, match):
     code, out, err = cli(monkeypatch, capsys, run_dir, *args)
@@ -276,3 +289,28 @@ def test_stream_printer_holds_back_split_characters():
     printer(torch.tensor([ids[0]]))  # after end-of-text nothing more is shown
     printer.finish()
     assert tok.decode(ids[:1]) + out.getvalue() == text + "\n"
+
+
+def test_decoding_line_and_generate_stats(monkeypatch, capsys, run_dir):
+    from model.flops import bytes as nbytes
+    from model.flops.peaks import Peak
+    from model.flops.roofline import decoding_summary
+    code, out, err = cli(monkeypatch, capsys, run_dir, "--start", "the ", "--num-samples", "2",
+                         "--max-new-tokens", "12")
+    assert code == 0
+    line = [ln for ln in err.splitlines() if ln.startswith("decoding:")]
+    assert len(line) == 1 and "tokens/s" in line[0] and "GB/s minimum bytes" in line[0] and "MBU" in line[0] \
+        and "MFU" in line[0]
+    # the API: stats from generate give the same tokens as without, and a summary by hand
+    model, info = load_model(run_dir / "out" / "default" / "best.pt")
+    idx = torch.zeros(2, 4, dtype=torch.long)
+    stats = {}
+    a = model.generate(idx, 6, temperature=0, stats=stats)
+    assert torch.equal(a, model.generate(idx, 6, temperature=0))
+    assert stats["rows"] == 2 and stats["prompt_len"] == 4 and stats["new_tokens"] == 6
+    assert 0 < stats["prefill_seconds"] <= stats["seconds"]
+    s = decoding_summary(model.config, [stats], torch.float32, Peak(1e9, "test"), Peak(1e3, "test", unit="B/s"))
+    # decode steps: tokens 2..6 at contexts 5..9 (prompt 4, then one cached position more per step)
+    expect = sum(nbytes.decode_minimum_bytes(model.config, 2, c, "float32")["total"] for c in range(5, 10))
+    assert s["tokens"] == 10 and s["bytes"] == expect
+    assert s["mbu"] == 1.0  # 1 kB/s is beaten at once: the bandwidth peak is raised, MBU never above 1

@@ -105,40 +105,51 @@ def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
 class Peak:
     """Peak FLOP/s and where it came from. `mfu(rate)` raises the peak to any measured rate above it (a rate
     the machine reached proves the peak low) and records a message, so the MFU it returns stays in [0, 1]."""
-    flops: float
+    flops: float  # the peak rate, in `unit`s (FLOP/s; for a bandwidth peak, bytes/s)
     source: str
     messages: list[str] = field(default_factory=list)
+    unit: str = "FLOP/s"
 
     def __post_init__(self):
         if isinstance(self.flops, bool) or not (isinstance(self.flops, (int, float)) and math.isfinite(self.flops)
                                                 and self.flops > 0):
-            raise ValueError(f"peak must be a positive finite FLOP/s, got {self.flops!r}")
+            raise ValueError(f"peak must be a positive finite {self.unit}, got {self.flops!r}")
+
+    @property
+    def rate(self) -> float:
+        return self.flops
 
     def mfu(self, flops_per_s: float) -> float:
-        """flops_per_s / peak in [0, 1]; a rate above the peak first becomes the peak."""
+        """flops_per_s / peak in [0, 1]; a rate above the peak first becomes the peak. For a bandwidth peak
+        (unit B/s) this is MBU: minimum bytes per second / bandwidth."""
         self.raise_to(flops_per_s)
         return flops_per_s / self.flops
+
+    utilization = mfu
+
+    def _show(self, x: float) -> str:
+        return f"{x / 1e9:,.1f} G{self.unit}"
 
     def raise_to(self, flops_per_s: float) -> bool:
         """Make a measured rate above the peak the peak, with a message saying so; True if it was raised."""
         if isinstance(flops_per_s, bool) or not (isinstance(flops_per_s, (int, float)) and
                                                  math.isfinite(flops_per_s) and flops_per_s >= 0):
-            raise ValueError(f"flops_per_s must be a finite number >= 0, got {flops_per_s!r}")
+            raise ValueError(f"measured rate must be a finite number >= 0, got {flops_per_s!r}")
         if flops_per_s <= self.flops:
             return False
         old, old_source = self.flops, self.source
         self.flops = float(flops_per_s)
-        self.source = f"raised to a measured {flops_per_s / 1e9:,.1f} GFLOP/s (was {old / 1e9:,.1f}: {old_source})"
-        self.messages.append(f"measured {flops_per_s / 1e9:,.1f} GFLOP/s exceeds the peak {old / 1e9:,.1f} "
-                             f"GFLOP/s ({old_source}); the peak is raised to the measured rate")
+        self.source = f"raised to a measured {self._show(flops_per_s)} (was {self._show(old)}: {old_source})"
+        self.messages.append(f"measured {self._show(flops_per_s)} exceeds the peak {self._show(old)} "
+                             f"({old_source}); the peak is raised to the measured rate")
         return True
 
     def scaled(self, k: int) -> Peak:
         """The peak of k such devices (data-parallel ranks)."""
-        return self if k == 1 else Peak(self.flops * k, f"{k} x {self.source}")
+        return self if k == 1 else Peak(self.flops * k, f"{k} x {self.source}", unit=self.unit)
 
     def describe(self) -> str:
-        return f"{self.flops / 1e9:,.1f} GFLOP/s ({self.source})"
+        return f"{self._show(self.flops)} ({self.source})"
 
 
 # fp32 FLOPs per cycle per core of the widest FMA unit named in the flags: lanes x 2 FLOPs x 2 FMA pipes.
@@ -232,29 +243,37 @@ def calibrated_cpu_peak(recalibrate: bool = False, trials: int = 5, measure: boo
     cache_path(). recalibrate=True measures again and replaces the cached figure; measure=False only reads
     the cache (None when it holds nothing for this machine)."""
     import torch
-    precision = torch.get_float32_matmul_precision()
-    path, key = cache_path(), _calibration_key(precision)
+    return _cached_best(_calibration_key(torch.get_float32_matmul_precision()), "flops",
+                        lambda: measure_cpu_peak(repeats=3), "CPU calibrated", "FLOP/s", recalibrate, trials, measure)
+
+
+def _cached_best(key: str, field: str, measure_once, label: str, unit: str, recalibrate: bool, trials: int,
+                 measure: bool) -> Peak | None:
+    """The figure cached in cache_path() under `key`, or (missing, or recalibrate) the best of `trials`
+    measure_once() calls with pauses between them, so one busy moment cannot set it, cached there; measure=False
+    only reads the cache (None when it holds nothing for this machine)."""
+    path = cache_path()
     cache = _read_cache(path)
     entry = cache.get(key)
-    if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0 \
+    if isinstance(entry, dict) and isinstance(entry.get(field), (int, float)) and entry[field] > 0 \
             and not recalibrate:
-        return Peak(float(entry["flops"]), f"CPU calibrated {entry.get('when', '')}: best of {entry.get('trials')} "
-                                           f"trials, cached in {path}")
+        return Peak(float(entry[field]), f"{label} {entry.get('when', '')}: best of {entry.get('trials')} trials, "
+                                         f"cached in {path}", unit=unit)
     if not measure:
         return None
     best = 0.0
     for i in range(trials):
         if i:
             time.sleep(0.05)
-        best = max(best, measure_cpu_peak(repeats=3))
+        best = max(best, measure_once())
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    cache[key] = {"flops": best, "trials": trials, "when": when}
+    cache[key] = {field: best, "trials": trials, "when": when}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cache, indent=1, allow_nan=False))
     except OSError:  # a read-only home still gets a peak, only uncached
         pass
-    return Peak(best, f"CPU calibrated {when}: best of {trials} trials, cached in {path}")
+    return Peak(best, f"{label} {when}: best of {trials} trials, cached in {path}", unit=unit)
 
 
 def device_peak(device, override: float = 0.0, recalibrate: bool = False) -> Peak:
@@ -279,6 +298,125 @@ def device_peak(device, override: float = 0.0, recalibrate: bool = False) -> Pea
     if calibrated is not None:
         hardware.raise_to(calibrated.flops)  # a calibration above the hardware figure proves it low
     return hardware
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory bandwidth, the second roof: vendor datasheets for GPUs (HBM/GDDR), a STREAM-style measurement for
+# the CPU. MBU (model bandwidth utilization) = minimum bytes per second / this bandwidth, in [0, 1].
+
+# (regex on torch.cuda.get_device_name(), bytes/s, note); first match wins, so variants come first.
+GPU_BANDWIDTHS: tuple[tuple[str, float, str], ...] = (
+    # NVIDIA H100 datasheet: GPU memory bandwidth 3.35 TB/s (SXM), 3.9 TB/s (NVL), 2 TB/s (PCIe)
+    (r"\bH100 NVL\b", 3.9e12, "H100 NVL HBM3"), (r"\bH100 PCIe\b", 2.0e12, "H100 PCIe HBM2e"),
+    (r"\bH100\b", 3.35e12, "H100 SXM HBM3"),
+    # NVIDIA H200 datasheet: 4.8 TB/s (SXM and NVL); HGX B200: 8 TB/s per GPU
+    (r"\bH200\b", 4.8e12, "H200 HBM3e"), (r"\bB200\b", 8.0e12, "B200 HBM3e"),
+    # NVIDIA A100 datasheet: 80GB SXM 2,039 GB/s, 80GB PCIe 1,935 GB/s, 40GB 1,555 GB/s
+    (r"\bA100\b.*80GB PCIe", 1.935e12, "A100 80GB PCIe HBM2e"), (r"\bA100\b.*80GB", 2.039e12, "A100 80GB SXM HBM2e"),
+    (r"\bA100\b", 1.555e12, "A100 40GB HBM2"),
+    # A10 / A10G 600 GB/s; L40S, L40 864 GB/s; L4 300 GB/s (NVIDIA datasheets, GDDR6)
+    (r"\bA10G?\b", 600e9, "A10/A10G GDDR6"), (r"\bL40S?\b", 864e9, "L40/L40S GDDR6"), (r"\bL4\b", 300e9, "L4 GDDR6"),
+    # GeForce RTX 3090 936 GB/s, RTX 4090 1,008 GB/s (GDDR6X); V100 900 GB/s (HBM2); T4 320 GB/s (GDDR6)
+    (r"\bRTX 3090\b", 936e9, "RTX 3090 GDDR6X"), (r"\bRTX 4090\b", 1008e9, "RTX 4090 GDDR6X"),
+    (r"\bV100", 900e9, "V100 HBM2"), (r"\bT4\b", 320e9, "T4 GDDR6"),
+)
+
+
+def gpu_bandwidth(name: str) -> tuple[float, str]:
+    """(bytes/s, note) for a CUDA device name from the datasheet table; ValueError if unknown."""
+    for pattern, bandwidth, note in GPU_BANDWIDTHS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return bandwidth, note
+    raise ValueError(f"unknown GPU {name!r}: no memory bandwidth in model/flops/peaks.py; pass "
+                     f"--peak-bandwidth=<bytes/s> (its datasheet memory bandwidth)")
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache sysfs lists (0 where there is none)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            pass
+    return max(sizes, default=0)
+
+
+def stream_array_bytes() -> int:
+    """Bytes per STREAM array: twice the last-level cache (so no array, let alone the three, fits in it),
+    at least 256 MiB. On this project's 300 MiB-L3 Xeon: 600 MiB each, 1.8 GiB for the triad's three."""
+    return max(256 << 20, 2 * last_level_cache_bytes())
+
+
+def measure_cpu_bandwidth(array_bytes: int | None = None, repeats: int = 3) -> float:
+    """One STREAM-style measurement (McCalpin's copy c = a and triad a = b + s·c over float32 arrays far
+    larger than the last-level cache, torch's threads), uncached: the best rate of `repeats` of each after a
+    warm-up pass, in bytes/s counted as STREAM does (copy 2, triad 3 arrays' bytes per pass)."""
+    import torch
+    n = (array_bytes or stream_array_bytes()) // 4
+    a, b, c = torch.empty(n), torch.ones(n), torch.ones(n)  # (n,) each
+    torch.add(b, c, alpha=3.0, out=a)  # warm-up: page faults, thread pool
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        c.copy_(a)
+        best = max(best, 2 * 4 * n / (time.perf_counter() - start))
+        start = time.perf_counter()
+        torch.add(b, c, alpha=3.0, out=a)
+        best = max(best, 3 * 4 * n / (time.perf_counter() - start))
+    return best
+
+
+def calibrated_cpu_bandwidth(recalibrate: bool = False, trials: int = 5, measure: bool = True) -> Peak | None:
+    """The best of `trials` measure_cpu_bandwidth runs (a pause between them), cached per CPU model, thread
+    count and torch version beside the FLOP calibration in cache_path(); recalibrate=True measures again;
+    measure=False only reads the cache (None when it holds nothing for this machine)."""
+    key = "bandwidth | " + _calibration_key("-").rsplit(" | matmul precision", 1)[0]
+    return _cached_best(key, "bytes_per_s", measure_cpu_bandwidth, "CPU STREAM copy/triad, measured", "B/s",
+                        recalibrate, trials, measure)
+
+
+def device_bandwidth(device, override: float = 0.0, recalibrate: bool = False) -> Peak:
+    """The bandwidth Peak (unit B/s) for MBU on `device`. override > 0 wins. CUDA: the datasheet table. CPU:
+    the cached STREAM-style measurement (measured once per machine and torch version, ~1-3 s)."""
+    import torch
+    check("peak_bandwidth override", override, float, 0)
+    if override > 0:
+        return Peak(float(override), "given (peak_bandwidth)", unit="B/s")
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        bandwidth, note = gpu_bandwidth(name)
+        return Peak(bandwidth, f"{name}: {note}, vendor datasheet", unit="B/s")
+    if device.type != "cpu":
+        raise ValueError(f"no memory bandwidth known for device type {device.type!r}; pass --peak-bandwidth")
+    return calibrated_cpu_bandwidth(recalibrate)
+
+
+def bandwidth_by_key(key: str) -> tuple[float, str]:
+    """Datasheet bandwidth of a GPU short name (h100, a100, ...: the FLOP table's keys)."""
+    entry = peak_by_key(key)
+    return gpu_bandwidth(entry.note.split(",")[0])
+
+
+def step_bandwidth(device, world: int = 1) -> Peak | None:
+    """device_bandwidth for `world` such devices, or None where a GPU's bandwidth is unknown (MBU then reads
+    None instead of stopping a training run)."""
+    try:
+        return device_bandwidth(device).scaled(world)
+    except ValueError:
+        return None
+
+
+def mbu_text(mbu: float | None, bandwidth: Peak | None) -> str:
+    """"MBU 12.3% of 33.6 GB/s (source)", for the final lines of train.py and sample.py."""
+    if bandwidth is None or mbu is None:
+        return "MBU unknown (no memory bandwidth known for this device)"
+    if isinstance(mbu, float) and math.isnan(mbu):
+        return "MBU —"
+    return f"MBU {mbu:.1%} of {bandwidth.flops / 1e9:,.1f} GB/s ({bandwidth.source})"
 
 
 def resolve_peak(device: str | None, peak: float | None) -> tuple[float, str]:
@@ -308,5 +446,7 @@ def peak_report(device, override: float = 0.0, recalibrate: bool = False) -> dic
                        "calibrated_flops": calibrated and calibrated.flops,
                        "calibrated_source": calibrated and calibrated.source, "cache": str(cache_path())})
     peak = device_peak(device, override)
-    result.update({"peak_flops": peak.flops, "peak_source": peak.source, "peak_messages": peak.messages})
+    bandwidth = device_bandwidth(device, recalibrate=recalibrate)
+    result.update({"peak_flops": peak.flops, "peak_source": peak.source, "peak_messages": peak.messages,
+                   "bandwidth": bandwidth.flops, "bandwidth_source": bandwidth.source})
     return result

@@ -1,9 +1,13 @@
 """Where a training step's time goes, per component: every aten op of forward, backward and the optimizer step
 is timed (a TorchDispatchMode; on CUDA each op is synchronized, so its time is its own) and charged to the
 component whose module is running (forward and full-backward module hooks), beside the component's exact
-FLOPs from model/flops/formulas.py. What no component claims (Python, hooks, the timer itself, the residual
-adds, the embedding) is the row "other", measured as the step's time minus the rest, so the rows add up to
-the profiled step.
+FLOPs (model/flops/formulas.py) and exact unfused bytes (model/flops/bytes.py). What no component claims (the
+residual adds, the embedding, Python) is the row "other": the step's time, less the timer's own cost, minus
+the rest, so the rows add up to the profiled step less the timer's cost.
+
+The timer's cost (Python dispatch of every op, the hooks) does not depend on the tensors' sizes, only on the
+ops run, so it is measured on the same model at batch 1 x 2 tokens (the same ops, negligible arithmetic):
+profiled minus unprofiled step there. The profile subtracts it from the profiled step and reports both.
 
 Inside the attention module the ops before the softmax are the scores (q @ kᵀ, scale, mask) and those after
 it the values (att @ v); the backward runs the other way round. A fused kernel (scaled_dot_product_attention
@@ -31,7 +35,7 @@ MODULES = ((".attn.c_attn", "qkv"), (".attn.c_proj", "attn_proj"), (".mlp.c_fc",
 FUSED = ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")
 SOFTMAX_OPS = ("_softmax", "softmax", "_safe_softmax", "_softmax_backward_data")
 CROSS_ENTROPY_OPS = ("_log_softmax", "_log_softmax_backward_data", "nll_loss_forward", "nll_loss_backward",
-                     "nll_loss", "cross_entropy_loss", "nll_loss_nd")
+                     "nll_loss", "cross_entropy_loss", "nll_loss_nd", "_to_copy")  # _to_copy: logits.float()
 
 
 def component_flops(cfg: GPTConfig, batch: int, seq_len: int, fused: bool) -> dict[str, int]:
@@ -82,7 +86,9 @@ class _OpTimer(TorchDispatchMode):
             return "cross_entropy" if op in CROSS_ENTROPY_OPS else "other"
         if where != "attention":
             return where
-        if any(name in op for name in FUSED):
+        if op == "copy_":  # the only copy_ in the attention module: new keys and values into the cache
+            return "kv_cache"
+        if self.fused or any(name in op for name in FUSED):  # everything of a fused attention module
             self.fused = True
             return "attention_fused"
         if op in SOFTMAX_OPS:
@@ -107,6 +113,7 @@ def _hook(model: GPT, timer: _OpTimer) -> list:
         timer.stack.pop()
 
     handles = []
+    timer.fused = any(getattr(m, "flash", False) for m in model.modules())  # SDPA: attention is one row
     for name, module in model.named_modules():
         component = next((c for suffix, c in MODULES if name.endswith(suffix)), None)
         if component is None:
@@ -133,7 +140,7 @@ class _Run:
         _, loss = self.model(self.x, self.x)  # (B, T) inputs; the targets' values do not change the cost
         if timer is not None:
             timer.phase = "backward"
-        loss.backward()
+        (loss / 1).backward()  # as train.py: loss / grad_accum
         if timer is not None:
             timer.phase = "optimizer"
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -143,14 +150,42 @@ class _Run:
         return time.perf_counter() - start
 
 
-def profile_step(cfg: GPTConfig, batch: int, seq_len: int, device: torch.device, peak, steps: int = 3,
-                 warmup: int = 2) -> dict:
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def _timed(run: _Run, model: GPT, device: torch.device, steps: int) -> tuple[float, _OpTimer]:
+    """Median wall time of `steps` profiled steps and the timer that charged their ops."""
+    timer = _OpTimer(device)
+    handles = _hook(model, timer)
+    try:
+        with timer:
+            times = [run.step(timer) for _ in range(steps)]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return _median(times), timer
+
+
+def timer_cost(model: GPT, optimizer, device: torch.device, steps: int) -> float:
+    """The per-step cost of the op timer and its hooks: profiled minus unprofiled step time of `model` on a
+    batch of 1 x 2 tokens, which runs the same ops as any other shape (medians of `steps` each)."""
+    x = torch.zeros(1, min(2, model.config.block_size), dtype=torch.long, device=device)
+    run = _Run(model, optimizer, x, device)
+    run.step()
+    plain = _median([run.step() for _ in range(steps)])
+    return max(0.0, _timed(run, model, device, steps)[0] - plain)
+
+
+def profile_step(cfg: GPTConfig, batch: int, seq_len: int, device: torch.device, peak, steps: int = 5,
+                 warmup: int = 2, bandwidth=None) -> dict:
     """Profile `steps` training steps (forward, backward, clip + AdamW step) of GPT(cfg) on `device` after
     `warmup` plain ones. `peak` is a peaks.Peak (raised, with a message, if the step beats it).
 
-    rows: component, flops, seconds (mean per profiled step), flops_per_s, flop_share, time_share; their
-    seconds add up to step_seconds (the profiled step). mfu is the exact matmul FLOPs of the step over the
-    median unprofiled step (the timer's per-op synchronisation and Python make the profiled step slower)."""
+    rows: component, flops, bytes (unfused), intensity, seconds (per profiled step), flops_per_s, bytes_per_s,
+    roof (the one its intensity sits under, with `bandwidth`, a B/s peaks.Peak), flop_share, time_share; their
+    seconds add up to step_seconds: the median profiled step less timer_seconds (the timer's measured cost;
+    the raw figure is profiled_step_seconds). mfu is the exact matmul FLOPs over the median unprofiled step."""
     for name, value in (("batch", batch), ("steps", steps)):
         check(name, value, int, 1)
     if not 0 < seq_len <= cfg.block_size:
@@ -162,26 +197,54 @@ def profile_step(cfg: GPTConfig, batch: int, seq_len: int, device: torch.device,
     run = _Run(model, optimizer, torch.randint(0, cfg.vocab_size, (batch, seq_len), device=device), device)
     for _ in range(warmup):
         run.step()
-    plain = sorted(run.step() for _ in range(steps))[steps // 2]
-    timer = _OpTimer(device)
-    handles = _hook(model, timer)
-    try:
-        with timer:
-            step_seconds = sum(run.step(timer) for _ in range(steps)) / steps
-    finally:
-        for handle in handles:
-            handle.remove()
-    flops = component_flops(cfg, batch, seq_len, timer.fused)
-    seconds = {c: timer.seconds.get(c, 0.0) / steps for c in flops if c != "other"}
-    seconds["other"] = max(0.0, step_seconds - sum(seconds.values()))  # what no component claims
+    # unprofiled and profiled steps interleaved in rounds, so a busy moment of the machine hits both alike
+    plain, profiled, timers = [], [], []
+    for _ in range(steps):
+        plain.append(run.step())
+        seconds, timer = _timed(run, model, device, 1)
+        profiled.append(seconds)
+        timers.append(timer)
+    plain, profiled_seconds = _median(plain), _median(profiled)
+    timer = timers[profiled.index(profiled_seconds)]  # the median profiled step's own op times
+    cost = timer_cost(model, optimizer, device, steps)
+    # never below what the components' own ops took: the cost is measured on another, noisier, step
+    step_seconds = max(profiled_seconds - cost, sum(timer.seconds.values()), 1e-9)
+    rows = _rows(cfg, batch, seq_len, timer, step_seconds, peak, bandwidth)
     model_flops = formulas.train_step_flops(cfg, batch, seq_len)
     mfu = peak.mfu(model_flops / plain)
-    total_flops = sum(flops.values())
-    rows = [{"component": c, "flops": flops[c], "seconds": seconds[c],
-             "flops_per_s": flops[c] / seconds[c] if seconds[c] > 0 and flops[c] else None,
-             "flop_share": flops[c] / total_flops, "time_share": seconds[c] / step_seconds} for c in flops]
     return {"device": str(device), "batch_size": batch, "seq_len": seq_len, "steps": steps, "rows": rows,
-            "step_seconds": step_seconds, "unprofiled_step_seconds": plain, "model_flops": model_flops,
-            "all_flops": total_flops, "flops_per_s": model_flops / plain, "mfu": mfu, "peak_flops": peak.flops,
-            "peak_source": peak.source, "peak_messages": list(peak.messages),
+            "step_seconds": step_seconds, "profiled_step_seconds": profiled_seconds, "timer_seconds": cost,
+            "unprofiled_step_seconds": plain, "overhead": step_seconds / plain, "model_flops": model_flops,
+            "all_flops": sum(r["flops"] for r in rows), "flops_per_s": model_flops / plain, "mfu": mfu,
+            "peak_flops": peak.flops, "peak_source": peak.source, "peak_messages": list(peak.messages),
+            "bandwidth": bandwidth.flops if bandwidth else None,
+            "bandwidth_source": bandwidth.source if bandwidth else None,
             "attention": "fused kernel" if timer.fused else "separate ops"}
+
+
+def _rows(cfg: GPTConfig, batch: int, seq_len: int, timer: _OpTimer, step_seconds: float, peak,
+          bandwidth) -> list[dict]:
+    """One row per component: FLOPs, unfused bytes (None with dropout > 0, which the formulas do not cover),
+    intensity, time, rates and the roof it sits under (against peak / bandwidth)."""
+    from .bytes import unfused_train_step
+    flops = component_flops(cfg, batch, seq_len, timer.fused)
+    seconds = {c: timer.seconds.get(c, 0.0) for c in flops if c != "other"}
+    seconds["other"] = max(0.0, step_seconds - sum(seconds.values()))  # what no component claims
+    parts = None if cfg.dropout else unfused_train_step(cfg, batch, seq_len, "float32")  # the profile runs fp32
+    if parts is not None and timer.fused:
+        parts["attention_fused"] = sum(parts.pop(k, 0) for k in ("attn_scores", "softmax", "attn_values",
+                                                                 "attention_fused"))
+    ridge = peak.flops / bandwidth.flops if bandwidth else None
+    total = sum(flops.values())
+    rows = []
+    for c in flops:
+        b = None if parts is None else parts.get(c, 0)
+        intensity = flops[c] / b if b else None
+        rows.append({"component": c, "flops": flops[c], "bytes": b, "intensity": intensity, "seconds": seconds[c],
+                     "flops_per_s": flops[c] / seconds[c] if seconds[c] > 0 and flops[c] else None,
+                     "bytes_per_s": b / seconds[c] if b and seconds[c] > 0 else None,
+                     "roof": None if intensity is None or ridge is None else
+                     ("memory" if intensity < ridge else "compute"),
+                     "flop_share": flops[c] / total, "time_share": seconds[c] / step_seconds})
+    return rows
+

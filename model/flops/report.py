@@ -22,9 +22,11 @@ def counts(cfg, batch: int, seq_len: int):
     return formulas.forward(cfg, batch, seq_len), formulas.train_step(cfg, batch, seq_len), fv, tt
 
 
-def report(cfg, batch: int, seq_len: int) -> dict:
+def report(cfg, batch: int, seq_len: int, context: int | None = None, dtype: str = "float32") -> dict:
     """Everything `python flops.py` prints: the counts per component, the non-matmul ops, the training step,
-    the parameters and the approximation audit, as one JSON-ready dict."""
+    the parameters, the approximation audit and the bytes (model/flops/bytes.py's bytes_report, a decode step
+    at `context` keys, default block_size), as one JSON-ready dict."""
+    from .bytes import bytes_report
     fwd, train, fv, tt = counts(cfg, batch, seq_len)
     components = {name: {"analytic": fwd.matmul[name], "fvcore": fv.matmul[name],
                          "torch": tt.components.get(name)} for name in formulas.MATMUL_COMPONENTS}
@@ -49,6 +51,7 @@ def report(cfg, batch: int, seq_len: int) -> dict:
                                   "compared_with": a.compared_with, "source": a.source}
                            for name, a in approximations.audit(cfg, batch, seq_len).items()},
         "fvcore_unsupported_ops": fv.unsupported,
+        "bytes": bytes_report(cfg, batch, seq_len, context or cfg.block_size, dtype),
     }
 
 

@@ -11,7 +11,9 @@ full block_size-token forward, the same as an uncached one.
 """
 from __future__ import annotations
 
+import copy
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,6 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from ..config import check
+from .decode import Decoder, resolve_dtype
 
 NOT_A_CANDIDATE = -1.0e9  # transformers' score for beams that must not be chosen (kept for identical ties)
 
@@ -28,9 +31,10 @@ NOT_A_CANDIDATE = -1.0e9  # transformers' score for beams that must not be chose
 
 def check_logits(logits: torch.Tensor) -> None:
     """Raise ValueError when a row contains NaN or +inf, or has no finite logit (all -inf): nothing to sample."""
-    # the row maximum propagates NaN and is +inf/-inf exactly in the bad cases: one reduction, one sync
+    # the row maximum propagates NaN and is +inf/-inf exactly in the bad cases, and the float64 sum of the
+    # row maxima is finite exactly when every one is: few ops per step (they bound small models' decoding)
     row_max = logits.amax(dim=-1)  # (...,)
-    if not bool(torch.isfinite(row_max).all()):
+    if not math.isfinite(row_max.sum(dtype=torch.float64)):
         bad = (~torch.isfinite(row_max)).nonzero()[0].tolist()
         raise ValueError(f"logits row {bad} is unusable for sampling (NaN, +inf, or every entry -inf): "
                          f"row max = {row_max[tuple(bad)].item()}")
@@ -134,13 +138,19 @@ class _Window:
 
     The model sees the last block_size tokens (nanoGPT's crop). With a cache, one new token per call is fed
     while the window does not move; when it slides, positions shift, so the cache is refilled from the
-    cropped window (the uncached computation exactly, at the uncached cost).
+    cropped window (the uncached computation exactly, at the uncached cost). fast=True (with the cache) runs
+    the steps through model.gpt.decode.Decoder, else through the model's forward; dtype (None: the model's)
+    is the weights' and the cache's dtype.
     """
 
-    def __init__(self, model, rows: int, total_len: int, use_cache: bool):
-        self.model = model
+    def __init__(self, model, rows: int, total_len: int, use_cache: bool, fast: bool = False, dtype=None):
         self.block = model.config.block_size
-        self.cache = model.new_cache(rows, min(self.block, total_len)) if use_cache else None
+        self.decoder = Decoder(model, dtype) if fast and use_cache else None
+        if self.decoder is None and dtype not in (None, model.transformer.wte.weight.dtype):
+            model = copy.deepcopy(model).to(dtype)  # the reference path in lower precision: a cast copy
+        self.model = model
+        source = self.decoder if self.decoder is not None else model
+        self.cache = source.new_cache(rows, min(self.block, total_len)) if use_cache else None
         self.start = 0  # absolute index of the cache's first token
 
     def logits(self, seqs: torch.Tensor, length: int) -> torch.Tensor:
@@ -153,6 +163,8 @@ class _Window:
                 cache.reset()
                 self.start = start
             x = seqs[:, start:length]  # (N, <=block_size)
+        if self.decoder is not None:
+            return self.decoder(x, cache)  # (N, V) float32
         logits, _ = self.model(x, kv_cache=cache, last_only=True)  # (N, 1, V)
         return logits[:, -1].float()  # (N, V)
 
@@ -177,6 +189,13 @@ def _check_eos(model, eos_token_id) -> None:
         check("eos_token_id", eos_token_id, int, 0, model.config.vocab_size, open_high=True)
 
 
+def _check_decoding(fast, dtype, idx: torch.Tensor) -> torch.dtype | None:
+    """Validate fast and dtype; return dtype as a torch dtype (None: the model's)."""
+    if not isinstance(fast, bool):
+        raise ValueError(f"fast must be True or False, got {fast!r}")
+    return resolve_dtype(dtype, idx.device)
+
+
 class _EvalMode:
     """Eval mode inside the block, the caller's train/eval mode restored after."""
 
@@ -197,7 +216,8 @@ class _EvalMode:
 def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
              generator: torch.Generator | None = None, use_cache: bool = True,
-             on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             on_token: Callable[[torch.Tensor], None] | None = None, stats: dict | None = None,
+             fast: bool = True, dtype: torch.dtype | str | None = None) -> torch.Tensor:
     """Extend each prompt row of idx (B, T) by up to max_new_tokens tokens -> (B, T + n), n <= max_new_tokens.
 
     temperature=0 is greedy (argmax); otherwise logits / temperature, then top-k, then top-p, then one draw
@@ -206,22 +226,32 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
     every row has finished (as transformers does), so n can be < max_new_tokens. on_token, when given, is
     called with the (B,) tokens of each step (streaming). Runs under torch.inference_mode() in eval mode and
     restores the model's train/eval mode afterwards. use_cache=False recomputes the whole (cropped) context
-    each step; both give the same tokens.
+    each step; both give the same tokens. stats, when given (a dict), receives rows, prompt_len, new_tokens,
+    use_cache, prefill_seconds (up to the first token) and seconds (all): two clock reads (and, on CUDA, two
+    syncs) per call; model.flops.roofline.decoding_summary turns them into tokens/s, GB/s, MBU and MFU.
+    fast=True (with the cache) decodes through model.gpt.decode, else through the model's forward: the same
+    function. dtype ("bfloat16", "float16" on CUDA, "float32"; None: the model's) holds the weights and the
+    cache in that precision (a cast copy of the weights, made per call: cast the model once to avoid it);
+    logits and sampling stay in float32.
     """
     _check_prompt(model, idx)
     check("max_new_tokens", max_new_tokens, int, 0)
     validate_sampling(temperature, top_k, top_p)
     _check_eos(model, eos_token_id)
+    dtype = _check_decoding(fast, dtype, idx)
     with _EvalMode(model), torch.inference_mode():
         B, T = idx.shape
         out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T+n), filled below
         out[:, :T] = idx
-        window = _Window(model, B, T + max_new_tokens, use_cache)
+        window = _Window(model, B, T + max_new_tokens, use_cache, fast, dtype)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_token_id is not None else None
         length = T
-        for _ in range(max_new_tokens):
+        start = time.perf_counter()
+        for step in range(max_new_tokens):
             logits = window.logits(out, length)  # (B, V)
             tok = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if stats is not None and step == 0:
+                stats["prefill_seconds"] = _elapsed(start, idx.device)
             if finished is not None:
                 tok = tok.masked_fill(finished, eos_token_id)  # (B,) finished rows are padded with eos
                 finished |= tok == eos_token_id
@@ -231,7 +261,16 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
                 on_token(tok)
             if finished is not None and bool(finished.all()):
                 break
+        if stats is not None:
+            stats.update(rows=B, prompt_len=T, new_tokens=length - T, use_cache=use_cache,
+                         seconds=_elapsed(start, idx.device))
         return out[:, :length]
+
+
+def _elapsed(start: float, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -266,12 +305,14 @@ class BeamSettings:
     no_repeat_ngram_size: int = 0
     num_return_sequences: int = 1
     use_cache: bool = True
+    fast: bool = True
+    dtype: torch.dtype | None = None
 
 
 def beam_search(model, idx: torch.Tensor, max_new_tokens: int, *, num_beams: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, eos_token_id: int | None = None,
-                no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
-                use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                no_repeat_ngram_size: int = 0, num_return_sequences: int = 1, use_cache: bool = True,
+                fast: bool = True, dtype: torch.dtype | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search over prompts idx (B, T) -> (sequences (B·R, <= T+n), scores (B·R,)), R = num_return_sequences.
 
     Returns, per prompt, the R best finished hypotheses, best first. A hypothesis finishes when it emits
@@ -284,15 +325,16 @@ def beam_search(model, idx: torch.Tensor, max_new_tokens: int, *, num_beams: int
     best reachable score at the current length; "never" (with length_penalty > 0) at the maximum length.
     Sequences shorter than the longest returned one are padded with eos_token_id. num_beams=1 is greedy
     decoding (as in transformers), scored the same way. no_repeat_ngram_size=n > 0 forbids repeating any
-    n-gram (prompt included).
+    n-gram (prompt included). fast and dtype: as for `generate`.
     """
     _check_prompt(model, idx)
     check("max_new_tokens", max_new_tokens, int, 1)
     _check_beam_args(num_beams, length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences)
     _check_eos(model, eos_token_id)
+    dtype = _check_decoding(fast, dtype, idx)
     opts = BeamSettings(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
                         eos_token_id=eos_token_id, no_repeat_ngram_size=no_repeat_ngram_size,
-                        num_return_sequences=num_return_sequences, use_cache=use_cache)
+                        num_return_sequences=num_return_sequences, use_cache=use_cache, fast=fast, dtype=dtype)
     with _EvalMode(model), torch.inference_mode():
         if num_beams == 1:
             return _greedy_scored(model, idx, max_new_tokens, opts)
@@ -304,7 +346,7 @@ def _greedy_scored(model, idx: torch.Tensor, max_new_tokens: int, opts: BeamSett
     eos = opts.eos_token_id
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T+n)
     out[:, :T] = idx
-    window = _Window(model, B, T + max_new_tokens, opts.use_cache)
+    window = _Window(model, B, T + max_new_tokens, opts.use_cache, opts.fast, opts.dtype)
     total = torch.zeros(B, device=idx.device)  # (B,) summed log-probabilities of the chosen tokens
     gen_len = torch.zeros(B, dtype=torch.long, device=idx.device)  # (B,) tokens generated up to eos
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -358,7 +400,7 @@ def _beam_search(model, idx: torch.Tensor, max_new_tokens: int, opts: BeamSettin
     beams = _Beams.start(idx, L, nb, pad=opts.eos_token_id if opts.eos_token_id is not None else 0)
     batch_base = torch.arange(B, device=idx.device)[:, None] * nb  # (B, 1) row offset of each prompt's beams
     # prefill the B prompts once, then give every beam a copy of its prompt's cache rows
-    window = _Window(model, B, L, opts.use_cache)
+    window = _Window(model, B, L, opts.use_cache, opts.fast, opts.dtype)
     logits = window.logits(idx, T).repeat_interleave(nb, dim=0)  # (B·nb, V)
     window.reorder(torch.arange(B, device=idx.device).repeat_interleave(nb))
     for step in range(max_new_tokens):
