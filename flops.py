@@ -57,7 +57,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--sweep", metavar="OUT_DIR", help="sweep width, depth and seq_len; write CSV + PNG plots")
     p.add_argument("--plan", action="store_true", help="training compute of --tokens tokens at seq_len")
     p.add_argument("--tokens", help="tokens to train on: 300e9, 300B, 1.4T, 2.5M, ...")
-    p.add_argument("--device", help="planner device: cpu (calibrated) or a GPU short name (h100, a100, ...)")
+    p.add_argument("--device", help="planner device: cpu (this CPU's cores x max clock x FLOPs/cycle) or a GPU short name "
+                                          "(h100, a100, ...)")
     p.add_argument("--peak-flops", "--peak_flops", type=float, help="planner peak FLOP/s (overrides --device)")
     p.add_argument("--mfu", type=float, default=None, help="planner model FLOPs utilization (default 0.4)")
     p.add_argument("--paper", metavar="NAME", help="a paper's own table reproduced: gpt3, chinchilla, kaplan, "
