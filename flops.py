@@ -68,6 +68,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--peak", action="store_true", help="the peak FLOP/s MFU uses on this machine, and its source")
     p.add_argument("--recalibrate", action="store_true", help="--peak: measure the CPU calibration again "
                                                               "(best of 5 trials) and replace the cached one")
+    p.add_argument("--threads", type=int, default=0, help="--profile: CPU threads; 0 = one per core, torch's "
+                                                            "default (default 0)")
     p.add_argument("--out", metavar="PNG", help="--profile: where to write the FLOP-share vs time-share plot")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     args, rest = p.parse_known_args(argv)
@@ -482,7 +484,8 @@ def profile_device(name: str | None):
 
 def render_profile(r: dict) -> str:
     lines = [f"profile: {r['device']}, batch {r['batch_size']} x seq_len {r['seq_len']}, mean of {r['steps']} "
-             f"profiled training steps (forward + backward + clip + AdamW); attention: {r['attention']}",
+             f"profiled training steps (forward + backward + clip + AdamW); attention: {r['attention']}; "
+             f"{r['threads']}",
              f"{'component':<17}{'FLOPs':>18}{'ms':>10}{'GFLOP/s':>10}{'FLOPs %':>9}{'time %':>8}"]
     for row in r["rows"]:
         rate = "—" if row["flops_per_s"] is None else f"{row['flops_per_s'] / 1e9:,.1f}"
@@ -502,8 +505,10 @@ def run_profile(cfg, args, seq_len: int) -> int:
     from model.flops.profile import plot_profile, profile_step
     if args.plan or args.sweep or args.tokens is not None or args.mfu is not None:
         raise ValueError("--profile takes no --plan, --sweep, --tokens or --mfu")
+    from model.training.threads import describe, set_threads
     device = profile_device(args.device)
-    result = profile_step(cfg, args.batch_size, seq_len, device, device_peak(device, args.peak_flops or 0.0))
+    result = {"threads": describe(set_threads(args.threads))}
+    result |= profile_step(cfg, args.batch_size, seq_len, device, device_peak(device, args.peak_flops or 0.0))
     out = Path(args.out or "flops_profile.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_profile(result, out)
@@ -522,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"flops.py: error: {e}", file=sys.stderr)
         return 2
+    from model.training.threads import set_wait_policy
+    set_wait_policy()  # before torch loads: OpenMP reads its wait policy once (model/training/threads.py)
     from model.cli import report_errors
     return report_errors("flops.py", lambda: run(args, overrides, start), debug=args.debug)
 

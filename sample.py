@@ -55,6 +55,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--stream", action="store_true",
                    help="print tokens as they are generated (samples one after another; not with beams)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default %(default)s)")
+    p.add_argument("--threads", metavar="N", type=int, default=0,
+                   help="CPU threads; 0 = one per core, torch's default (default %(default)s)")
     p.add_argument("--bpe-file", metavar="PATH", help="GPT-2 ranks file r50k_base.tiktoken, for the GPT-2 "
                    "tokenizer offline; default: tiktoken's download and cache")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -70,7 +72,8 @@ def check_args(args) -> None:
     check("--top-p", args.top_p, float, low=0, high=1, open_low=True)
     check("--num-beams", args.num_beams, low=1)
     check("--length-penalty", args.length_penalty, float)
-    check("--seed", args.seed, low=0, high=2**63 - 1)  # what torch.Generator.manual_seed accepts
+    check("--seed", args.seed, low=0, high=2**63 - 1)
+    check("--threads", args.threads, low=0)  # what torch.Generator.manual_seed accepts
     if args.num_beams > 1 and args.num_samples > args.num_beams:
         raise UsageError(f"--num-samples {args.num_samples} exceeds --num-beams {args.num_beams} "
                          f"(beam search returns at most one sample per beam)")
@@ -188,9 +191,13 @@ def run(args, out=None) -> None:
     import torch
 
     from model.cli import resolve_device
+    from model.training.threads import describe, set_threads
     out = sys.stdout if out is None else out
     device = resolve_device(args.device, "--device")
     model, tokenizer = load(args, device)
+    threads = set_threads(args.threads)
+    print(f"sample.py: {model.num_params():,} "
+          f"parameters on {device}; {describe(threads)}", file=sys.stderr)
     text = prompt_text(args, tokenizer)
     ids = encode_prompt(tokenizer, text)
     eot = tokenizer.eot_token_id
@@ -226,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
+    from model.training.threads import set_wait_policy
+    set_wait_policy()  # before torch loads: OpenMP reads its wait policy once (model/training/threads.py)
     from model.cli import report_errors
     return report_errors("sample.py", lambda: check_args(args) or run(args) or 0, debug=args.debug)
 

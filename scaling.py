@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
+from model.training.threads import child_env, describe, set_wait_policy  # noqa: E402  (no torch)
 USAGE = ("python scaling.py [BASE.toml] [--key=value ...] [--preset NAME | --budgets C1,C2,...] [--sizes K] "
          "[--out DIR] [--jobs N] [--dry-run [--json] | --print-commands | --collect] | --fit RESULTS.jsonl "
          "[--json] | --compare A.toml B.toml")
@@ -283,12 +284,6 @@ class Progress:
                 f"ETA {eta / 60:.1f} min; best per budget {best}")
 
 
-def child_env(threads: int) -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
-
-
 def run_sweep(sweep: Sweep, jobs: int, train_new: bool = True) -> list[dict]:
     """Record what is finished, train the rest `jobs` at a time (unless train_new is False); returns all
     records of the plan. Interrupted: children save and stop; rerun the same command to resume."""
@@ -296,9 +291,8 @@ def run_sweep(sweep: Sweep, jobs: int, train_new: bool = True) -> list[dict]:
     results = sweep.out / "results.jsonl"
     records = {r.get("id"): r for r in (read_results(results) if results.exists() else [])}
     states = {p["id"]: point_state(p, sweep.out, records) for p in sweep.points}
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    import torch
-    torch.set_num_threads(threads)
+    from model.training.threads import set_threads
+    threads = set_threads(max(1, (os.cpu_count() or 1) // jobs))
     todo = [p for p in sweep.points if states[p["id"]] in ("new", "interrupted")]
     prog = Progress(len(sweep.points), 0, sum(p["flops"] for p in sweep.points))
     for p in sweep.points:
@@ -310,7 +304,7 @@ def run_sweep(sweep: Sweep, jobs: int, train_new: bool = True) -> list[dict]:
             records[p["id"]] = record(sweep, p, None)
             print(prog.finished(records[p["id"]], False), file=sys.stderr)
     if todo and train_new:
-        print(f"training {len(todo)} run(s), {jobs} at a time, {threads} thread(s) each; logs in "
+        print(f"training {len(todo)} run(s), {jobs} at a time, {describe(threads)} each; logs in "
               f"{sweep.out / 'points'}/<run>/train.log", file=sys.stderr)
         _train_all(sweep, todo, states, jobs, threads, records, prog)
     return [records[p["id"]] for p in sweep.points if p["id"] in records]
@@ -344,7 +338,7 @@ def _train_all(sweep, todo, states, jobs, threads, records, prog) -> None:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 log = (run_dir / "train.log").open("a")
                 proc = subprocess.Popen(command(p, states[p["id"]] == "interrupted"), stdout=log,
-                                        stderr=subprocess.STDOUT, env=child_env(threads))
+                                        stderr=subprocess.STDOUT, env=child_env(threads))  # model/training/threads.py
                 running[proc] = (p, time.perf_counter(), log)
             if not running:
                 break
@@ -613,6 +607,7 @@ def compare_lines(fits: dict[str, dict], names: list[str], paths: list[str]) -> 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    set_wait_policy()  # before torch loads: OpenMP reads its wait policy once (model/training/threads.py)
     try:
         args, overrides = parse_args(argv)
         if args.fit:

@@ -18,7 +18,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
+from model.training.threads import cpu_threads, describe as describe_threads, set_wait_policy
+
+set_wait_policy()  # before torch loads: OpenMP reads its wait policy once (model/training/threads.py)
+
+import torch  # noqa: E402
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -261,7 +265,7 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     out_dir/.lock for the whole run: a second run on the same out_dir is refused (model/training/lock.py).
     """
     lock = OutDirLock(cfg.out_dir) if Distributed().master else nullcontext()
-    with lock, matmul_precision(cfg.matmul_precision, resolve_device(cfg.device).type):
+    with lock, matmul_precision(cfg.matmul_precision, resolve_device(cfg.device).type), cpu_threads(cfg.threads):
         if getattr(lock, "note", ""):
             print(f"note: {lock.note}", file=sys.stderr)
         return _train(model_cfg, cfg, stop_flag=stop_flag)
@@ -304,6 +308,7 @@ def setup(model_cfg, cfg, stop_flag: dict) -> Run:
         run.cfg, notes = resume_changes(ckpt.get("train_config", {}), run.cfg, int(ckpt["step"]))
         if dist.master and notes:
             print("\n".join(notes), file=sys.stderr)
+        check_unfinished(run, ckpt)
     stop_before_training(stop_flag)
     build_model(run)
     stop_before_training(stop_flag)
@@ -336,6 +341,16 @@ def open_resume_checkpoint(run: Run) -> dict | None:
     if ckpt.get("meta") != run.meta:
         raise ValueError(f"{path}: checkpoint was trained on a different dataset than {cfg.dataset}")
     return ckpt
+
+
+def check_unfinished(run: Run, ckpt: dict) -> None:
+    """A resume of a run that already reached max_iters (and evaluated it) has nothing to do: say so, and how to
+    extend it, instead of training 0 steps (exit code 0)."""
+    step = int(ckpt["step"])
+    if step == run.cfg.max_iters and ckpt.get("evaluated", True):
+        raise TrainingStopped(f"{run.last_path} already finished at step {step} (max_iters={run.cfg.max_iters}); "
+                              f"nothing to train. To train it longer, resume with a larger max_iters: "
+                              f"--resume --max_iters={2 * step}", 0)
 
 
 def open_batches(run: Run) -> None:
@@ -474,8 +489,8 @@ def announce(run: Run) -> None:
     """The model line and, when steps remain, the plan line: exact compute and estimated time."""
     m, precision = run.raw_model, torch.get_float32_matmul_precision()  # set by train() for this run
     print(f"model: {m.num_params():,} parameters ({m.num_params(True):,} non-embedding); {run.dist.world} "
-          f"process(es) on {run.device}, {run.dtype}; {describe_matmul_precision(precision, run.device.type)}",
-          file=sys.stderr)
+          f"process(es) on {run.device}, {run.dtype}; {describe_matmul_precision(precision, run.device.type)}; "
+          f"{describe_threads()}", file=sys.stderr)
     remaining = run.cfg.max_iters - run.step
     if remaining > 0:
         plan = plan_run(run.model_cfg, remaining * run.tokens_per_step, run.model_cfg.block_size, run.peak_total)
