@@ -14,18 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_CKPTS = (Path("out/default/best.pt"), Path("out/default/last.pt"))  # what `python train.py` writes
-ENDOFTEXT = "<|endoftext|>"
+from model.cli import OneLineParser, UsageError, report_errors, resolve_device
+from model.config import check
+from model.training.threads import describe, set_threads, set_wait_policy
+from model.training.tokenizer import ENDOFTEXT, StreamPrinter, cut_at_eot, encode_prompt
+
+DEFAULT_OUT_DIR = Path("out/default")  # what `python train.py` writes
 SEPARATOR = "-" * 40
-
-
-class UsageError(ValueError):
-    """Bad command-line input: reported as one line on stderr with exit code 2."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + message; the project's CLIs print one line
-        raise UsageError(message)
 
 
 def build_parser() -> OneLineParser:
@@ -64,7 +59,6 @@ def build_parser() -> OneLineParser:
 
 
 def check_args(args) -> None:
-    from model.config import check
     check("--num-samples", args.num_samples, low=1)
     check("--max-new-tokens", args.max_new_tokens, low=1)
     check("--temperature", args.temperature, float, low=0)
@@ -72,8 +66,8 @@ def check_args(args) -> None:
     check("--top-p", args.top_p, float, low=0, high=1, open_low=True)
     check("--num-beams", args.num_beams, low=1)
     check("--length-penalty", args.length_penalty, float)
-    check("--seed", args.seed, low=0, high=2**63 - 1)
-    check("--threads", args.threads, low=0)  # what torch.Generator.manual_seed accepts
+    check("--seed", args.seed, low=0, high=2**63 - 1)  # what torch.Generator.manual_seed accepts
+    check("--threads", args.threads, low=0)
     if args.num_beams > 1 and args.num_samples > args.num_beams:
         raise UsageError(f"--num-samples {args.num_samples} exceeds --num-beams {args.num_beams} "
                          f"(beam search returns at most one sample per beam)")
@@ -83,23 +77,23 @@ def check_args(args) -> None:
 
 def load(args, device):
     """(model, tokenizer) from --hf, --ckpt or the default checkpoint."""
-    from model import GPT
+    from model import GPT  # torch loads here: --help and usage errors come before it
+    from model.gpt.weights import OUT_DIR_CHECKPOINTS, out_dir_checkpoint
     from model.training.checkpoint import load_model
     from model.training.tokenizer import gpt2_tokenizer, load_tokenizer
-
     if args.hf:
         model = GPT.from_pretrained(args.hf, device=device)
         tokenizer = gpt2_tokenizer(args.bpe_file)
     else:
-        path = Path(args.ckpt) if args.ckpt else next((p for p in DEFAULT_CKPTS if p.is_file()), None)
+        path = Path(args.ckpt) if args.ckpt else out_dir_checkpoint(DEFAULT_OUT_DIR)
         if path is not None and path.is_dir():  # a train.py out_dir: its best checkpoint, else its last
-            found = next((path / n for n in ("best.pt", "last.pt") if (path / n).is_file()), None)
-            if found is None:
-                raise FileNotFoundError(f"no checkpoint in directory {path}: best.pt and last.pt not found")
-            path = found
+            path, given = out_dir_checkpoint(path), path
+            if path is None:
+                raise FileNotFoundError(f"no checkpoint in directory {given}: best.pt and last.pt not found")
         if path is None:
-            raise FileNotFoundError(f"no checkpoint: {DEFAULT_CKPTS[0]} and {DEFAULT_CKPTS[1]} not found "
-                                    f"(train one with `python train.py`, or pass --ckpt / --hf)")
+            tried = " and ".join(str(DEFAULT_OUT_DIR / name) for name in OUT_DIR_CHECKPOINTS)
+            raise FileNotFoundError(f"no checkpoint: {tried} not found (train one with `python train.py`, or pass "
+                                    f"--ckpt / --hf)")
         model, info = load_model(path, device=device)
         if not isinstance(info.get("meta"), dict):
             raise ValueError(f"{path}: the checkpoint carries no tokenizer metadata ('meta')")
@@ -127,59 +121,9 @@ def prompt_text(args, tokenizer) -> str:
     return start
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of text; a literal <|endoftext|> becomes the end-of-text token where the tokenizer has one."""
-    eot = tokenizer.eot_token_id
-    if eot is None:
-        return tokenizer.encode(text)
-    ids: list[int] = []
-    for i, piece in enumerate(text.split(ENDOFTEXT)):
-        if i:
-            ids.append(eot)
-        ids.extend(tokenizer.encode(piece))
-    return ids
-
-
-def cut_at_eot(ids: list[int], prompt_len: int, eot: int | None) -> list[int]:
-    """The prompt plus the generated tokens before the first end-of-text token (which is dropped)."""
-    if eot is not None and eot in ids[prompt_len:]:
-        return ids[:ids.index(eot, prompt_len)]
-    return ids
-
-
-class StreamPrinter:
-    """on_token callback: print the text one sample gains with each token, as soon as it is whole.
-
-    Decodes the ids so far and prints what is new; a byte-level tokenizer may stop in the middle of a
-    UTF-8 character (decoded as U+FFFD), so the tail is held back until the character is complete.
-    """
-
-    def __init__(self, tokenizer, prompt_ids: list[int], out):
-        self.tokenizer, self.ids, self.out = tokenizer, list(prompt_ids), out
-        self.shown = len(tokenizer.decode(self.ids))
-        self.done = False
-
-    def __call__(self, tokens) -> None:
-        tok = int(tokens[0])
-        if self.done or tok == self.tokenizer.eot_token_id:
-            self.done = True
-            return
-        self.ids.append(tok)
-        text = self.tokenizer.decode(self.ids)
-        whole = text.rstrip("\ufffd")
-        if len(whole) > self.shown:
-            self.out.write(whole[self.shown:])
-            self.out.flush()
-            self.shown = len(whole)
-
-    def finish(self) -> None:
-        text = self.tokenizer.decode(self.ids)
-        self.out.write(text[self.shown:] + "\n")  # whatever was held back (an unfinished character)
-
-
 def check_memory(args, config, prompt_len: int, device) -> None:
     """Refuse, before generating, what cannot fit: KV cache, token buffer and logits of every row."""
-    from model.training.memory import check_fits, sampling_bytes
+    from model.training.memory import check_fits, sampling_bytes  # torch
     beams = args.num_beams > 1
     rows = args.num_beams if beams else 1 if args.stream else args.num_samples
     total = prompt_len + args.max_new_tokens
@@ -189,15 +133,11 @@ def check_memory(args, config, prompt_len: int, device) -> None:
 
 def run(args, out=None) -> None:
     import torch
-
-    from model.cli import resolve_device
-    from model.training.threads import describe, set_threads
     out = sys.stdout if out is None else out
     device = resolve_device(args.device, "--device")
     model, tokenizer = load(args, device)
-    threads = set_threads(args.threads)
-    print(f"sample.py: {model.num_params():,} "
-          f"parameters on {device}; {describe(threads)}", file=sys.stderr)
+    print(f"sample.py: {model.num_params():,} parameters on {device}; {describe(set_threads(args.threads))}",
+          file=sys.stderr)
     text = prompt_text(args, tokenizer)
     ids = encode_prompt(tokenizer, text)
     eot = tokenizer.eot_token_id
@@ -228,15 +168,15 @@ def run(args, out=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)  # --help ends here, before torch is imported (fast)
-    except UsageError as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        return 2
-    from model.training.threads import set_wait_policy
+    argv = sys.argv[1:] if argv is None else list(argv)
     set_wait_policy()  # before torch loads: OpenMP reads its wait policy once (model/training/threads.py)
-    from model.cli import report_errors
-    return report_errors("sample.py", lambda: check_args(args) or run(args) or 0, debug=args.debug)
+    return report_errors("sample.py", lambda: run_args(build_parser().parse_args(argv)), debug="--debug" in argv)
+
+
+def run_args(args) -> int:
+    check_args(args)
+    run(args)
+    return 0
 
 
 if __name__ == "__main__":

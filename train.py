@@ -6,15 +6,11 @@ Data parallel: `torchrun --nproc_per_node=N train.py ...` (gloo on CPU, nccl on 
 """
 from __future__ import annotations
 
-import gc
-import json
 import math
-import os
-import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,170 +19,34 @@ from model.training.threads import cpu_threads, describe as describe_threads, se
 set_wait_policy()  # before torch loads: OpenMP reads its wait policy once (model/training/threads.py)
 
 import torch  # noqa: E402
-import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import GPT
-from model.gpt.speed import use_cpu_kernels
-from model.cli import DEFAULT_CONFIG, duration, human, pop_debug, report_errors, resolve_device
-from model.config import GPTConfig, TrainConfig, build, help_lines, parse_overrides, read_toml, to_dict
+from model import GPTConfig, TrainConfig
+from model.cli import duration, human, pop_debug, report_errors, resolve_device
+from model.config import to_dict
 from model.flops import peaks
 from model.flops.formulas import train_step_flops
 from model.flops.planner import plan_run
-from model.training.checkpoint import (FORMAT, NonFiniteStateError, atomic_write, load_checkpoint, load_weights,
-                                       rng_state, save_checkpoint, set_rng_state)
-from model.training.data import Batches, ensure_dataset, load_meta
+from model.gpt.gpt import GPT
+from model.gpt.speed import use_cpu_kernels
+from model.training.checkpoint import NonFiniteStateError, save_checkpoint
+from model.training.data import Batches, load_meta
+from model.training.distributed import Distributed
+from model.training.evaluate import evaluate
 from model.training.lock import OutDirLock
 from model.training.memory import check_fits, training_bytes
-from model.training.optim import adamw, clip_and_step
-from model.training.runtime import cpu_process_settings, describe_matmul_precision, matmul_precision
+from model.training.metrics import plot_losses, trim_metrics, write_record
+from model.training.optim import adamw, clip_and_step, lr_at
+from model.training.recipe import keys_help, load_recipe, split_argv
+from model.training.resume import (check_unfinished, checkpoint_state, open_resume_checkpoint, restore,
+                                   resume_changes)
+from model.training.runtime import cpu_process_settings, describe_matmul_precision, matmul_precision, resolve_dtype
+from model.training.signals import TrainingStopped, exit_code, install_signal_handlers, stop_before_training
 
-ROOT = Path(__file__).resolve().parent
 RECALIBRATE_S = 30.0  # CPU peak: the least time between calibrations at evaluations
 USAGE = ("usage: python train.py [CONFIG.toml] [--key=value ...] [--debug]   (python train.py --help lists the keys;"
          " --debug shows tracebacks instead of one-line errors)")
-TRIM_PAUSE_ENV = "FLOPGPT_TEST_TRIM_PAUSE_S"  # tests: seconds the metrics trim waits before its rename
-QUIET_KEYS = ("resume", "overwrite", "progress")  # differ on most resumes and change nothing in the run
-SCHEDULE_KEYS = ("lr", "min_lr", "warmup_iters", "lr_decay_iters", "lr_schedule", "max_iters")
-
-
-class TrainingStopped(Exception):
-    """Training ended early on purpose (signal) or by a numerical failure; carries the exit code."""
-
-    def __init__(self, message: str, code: int):
-        super().__init__(message)
-        self.code = code
-
-
-def exit_code(signal_name: str) -> int:
-    return 128 + signal.Signals[signal_name].value  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pieces of the loop, each small and testable.
-
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup from 0 to lr over warmup_iters, then decay to min_lr at lr_decay_iters: a half cosine
-    (cfg.lr_schedule == "cosine") or a straight line ("linear")."""
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if step < cfg.warmup_iters:
-        return cfg.lr * (step + 1) / cfg.warmup_iters
-    if step >= decay_iters:
-        return cfg.min_lr
-    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
-    if getattr(cfg, "lr_schedule", "cosine") == "linear":
-        return cfg.lr + progress * (cfg.min_lr - cfg.lr)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def resolve_dtype(name: str, device) -> str:
-    if name == "auto":
-        return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if name == "bfloat16" and device.type == "cpu":
-        return "bfloat16"  # CPU bf16 autocast works, just rarely faster
-    return name
-
-
-class Distributed:
-    """Rank bookkeeping for torchrun; a single process is rank 0 of 1."""
-
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.enabled = self.world > 1
-        self.master = self.rank == 0
-
-    def setup(self, device):
-        if not self.enabled:
-            return device
-        if device.type == "cuda":
-            device = torch.device(f"cuda:{self.local_rank}")
-            torch.cuda.set_device(device)
-        torch_dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        return device
-
-    def mean(self, value: float, device) -> float:
-        if not self.enabled:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=device)
-        torch_dist.all_reduce(t)
-        return t.item() / self.world
-
-    def any(self, flag: bool, device) -> bool:
-        if not self.enabled:
-            return flag
-        t = torch.tensor([int(flag)], device=device)  # nccl reduces only CUDA tensors
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-        return bool(t.item())
-
-    def teardown(self):
-        """Destroy the process group. Call it after dropping the DDP wrapper: its reducer holds the gloo group,
-        and if the reducer's deallocation (GIL held) is what frees the group, the group's destructor joins a
-        worker thread that waits for the GIL to free a tensor: a deadlock at exit, seen in about 1 of 4
-        two-rank CPU runs. Here the group is shut down by destroy_process_group instead."""
-        if self.enabled:
-            gc.collect()  # the wrapper sits in reference cycles (module hooks)
-            if torch_dist.is_initialized():
-                torch_dist.destroy_process_group()
-
-
-def evaluate(model, loaders, eval_iters: int, autocast, dist: Distributed, device,
-             stop=lambda: False) -> dict[str, float] | None:
-    """Mean loss over the same eval_iters batches per split every time (their sampler restarts from its seed).
-    None when stop() turns true before a batch (a signal): the evaluation is abandoned, to run again on resume."""
-    out = {}
-    model.eval()
-    with torch.inference_mode():
-        for split, batches in loaders.items():
-            batches.restart()
-            total, count = 0.0, 0
-            for i in range(eval_iters):
-                if stop():
-                    model.train()
-                    return None
-                if i % dist.world != dist.rank:
-                    batches.skip()
-                    continue
-                x, y = batches.next()
-                with autocast:
-                    _, loss = model(x, y)
-                total += loss.item()
-                count += 1
-            out[split] = dist.mean(total, device) * dist.world / eval_iters if dist.enabled else total / count
-    model.train()
-    return out
-
-
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """loss.png: per-step training loss (light), evaluated train and val losses (markers)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    steps, losses, evals = [], [], []
-    for line in metrics_path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("kind") == "eval":
-            evals.append(rec)
-        else:
-            steps.append(rec["step"])
-            losses.append(float("nan") if rec["loss"] is None else rec["loss"])
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.35, lw=0.8, label="train (each step)")
-    if evals:
-        ax.plot([e["step"] for e in evals], [e["train_loss"] for e in evals], "o-", color="tab:blue",
-                label="train (eval)")
-        ax.plot([e["step"] for e in evals], [e["val_loss"] for e in evals], "s-", color="tab:orange",
-                label="val (eval)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
-    ax.set_title(f"{metrics_path.parent.name}: loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,7 +121,8 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     TrainingStopped when a signal or a non-finite loss ends it early (after saving what can be saved).
 
     Float32 matmuls run at cfg.matmul_precision for the run (on CUDA: those left outside autocast). torch keeps
-    that setting process-wide, so it is put back afterwards for callers in the same process. Rank 0 holds
+    that setting process-wide, so it is put back afterwards for callers in the same process; so is the CPU thread
+    count (cfg.threads; model/training/threads.py). Rank 0 holds
     out_dir/.lock for the whole run: a second run on the same out_dir is refused (model/training/lock.py).
     """
     lock = OutDirLock(cfg.out_dir) if Distributed().master else nullcontext()
@@ -303,54 +164,20 @@ def setup(model_cfg, cfg, stop_flag: dict) -> Run:
     T = model_cfg.block_size
     run.tokens_per_step = cfg.batch_size * T * cfg.grad_accum
     run.flops_per_step = train_step_flops(model_cfg, cfg.batch_size, T) * cfg.grad_accum
-    ckpt = open_resume_checkpoint(run)
+    ckpt = open_resume_checkpoint(run.cfg, to_dict(model_cfg), meta)
     if ckpt is not None:
         run.cfg, notes = resume_changes(ckpt.get("train_config", {}), run.cfg, int(ckpt["step"]))
         if dist.master and notes:
             print("\n".join(notes), file=sys.stderr)
-        check_unfinished(run, ckpt)
+        check_unfinished(ckpt, run.cfg)
     stop_before_training(stop_flag)
     build_model(run)
     stop_before_training(stop_flag)
     if ckpt is not None:
-        resume(run, ckpt)
+        restore(run, ckpt)
     run.peak = peaks.device_peak(device, cfg.peak_flops).scaled(dist.world)
     run.calibrated_at = time.perf_counter()
     return run
-
-
-def open_resume_checkpoint(run: Run) -> dict | None:
-    """With cfg.resume: out_dir/last.pt, checked against this run's model config and dataset. Without it:
-    None, or ValueError when out_dir already holds a checkpoint that --overwrite does not allow to replace."""
-    cfg, path = run.cfg, run.last_path
-    for output in (run.last_path, run.best_path, run.metrics_path):
-        if output.is_dir():
-            raise ValueError(f"{output} is a directory; train.py writes a file there")
-    if not cfg.resume:
-        if path.exists() and not cfg.overwrite:
-            raise ValueError(f"{run.out_dir} already holds a checkpoint ({path.name}); pass --resume to continue "
-                             f"it or --overwrite to start afresh")
-        return None
-    ckpt = load_checkpoint(path)
-    if ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a flopgpt checkpoint")
-    now = to_dict(run.model_cfg)
-    if ckpt["model_config"] != now:
-        diff = {k: (v, now.get(k)) for k, v in ckpt["model_config"].items() if now.get(k) != v}
-        raise ValueError(f"{path}: checkpoint is from a different model config (checkpoint vs now: {diff})")
-    if ckpt.get("meta") != run.meta:
-        raise ValueError(f"{path}: checkpoint was trained on a different dataset than {cfg.dataset}")
-    return ckpt
-
-
-def check_unfinished(run: Run, ckpt: dict) -> None:
-    """A resume of a run that already reached max_iters (and evaluated it) has nothing to do: say so, and how to
-    extend it, instead of training 0 steps (exit code 0)."""
-    step = int(ckpt["step"])
-    if step == run.cfg.max_iters and ckpt.get("evaluated", True):
-        raise TrainingStopped(f"{run.last_path} already finished at step {step} (max_iters={run.cfg.max_iters}); "
-                              f"nothing to train. To train it longer, resume with a larger max_iters: "
-                              f"--resume --max_iters={2 * step}", 0)
 
 
 def open_batches(run: Run) -> None:
@@ -381,89 +208,6 @@ def build_model(run: Run) -> None:
     if run.dist.enabled:
         run.model = DDP(run.model, device_ids=[device.index] if device.type == "cuda" else None)
     run.optimizer = adamw(run.raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), device.type)
-
-
-def resume(run: Run, ckpt: dict) -> None:
-    """Weights, optimizer, batch sampler, RNG, step and best val loss from the checkpoint: bit-exact."""
-    load_weights(run.raw_model, ckpt["model"], run.last_path)
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.train_batches.load_state_dict(ckpt["batches"])
-    set_rng_state(ckpt["rng"])
-    run.step, run.best_val = int(ckpt["step"]), float(ckpt["best_val_loss"])
-    run.saved_step = run.step
-    # a run stopped before the evaluation due at its last step had finished evaluates it now
-    run.resumed_at = run.step if ckpt.get("evaluated", True) else -1
-    if run.step > run.cfg.max_iters:
-        raise ValueError(f"{run.last_path} is at step {run.step}, beyond max_iters={run.cfg.max_iters}")
-
-
-def stop_before_training(stop_flag: dict) -> None:
-    """A signal during setup: stop now; nothing was trained, so there is nothing to save."""
-    name = stop_flag.get("signal")
-    if name:
-        raise TrainingStopped(f"{name} received during setup: stopped before training; nothing to save",
-                              exit_code(name))
-
-
-def resume_changes(old: dict, cfg: TrainConfig, step: int) -> tuple[TrainConfig, list[str]]:
-    """(config to run, lines to print) for a resume whose TrainConfig differs from the checkpoint's `old`:
-    every changed key, old -> new, and what it does to the schedule. A new max_iters keeps the checkpoint's
-    decay horizon, so the steps it planned keep their learning rates, unless lr_decay_iters is given too:
-    that is how to ask for the decay to be planned over the new length."""
-    now = to_dict(cfg)
-    changed = {k: (old[k], v) for k, v in now.items() if k in old and old[k] != v and k not in QUIET_KEYS}
-    if not changed:
-        return cfg, []
-    lines = ["resume: changed from the checkpoint's config: " +
-             ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())]
-    if "max_iters" in changed and "lr_decay_iters" not in changed and old.get("lr_decay_iters") == 0:
-        cfg = replace(cfg, lr_decay_iters=old["max_iters"])
-        after = (f"steps {old['max_iters']}-{cfg.max_iters} train at min_lr={cfg.min_lr:g}"
-                 if cfg.max_iters > old["max_iters"] else f"the run now ends at step {cfg.max_iters}, before it")
-        lines.append(f"resume: the learning-rate decay still ends at step {old['max_iters']} ({after}); pass "
-                     f"--lr_decay_iters={cfg.max_iters} to decay over the new length instead")
-    if any(k in changed for k in SCHEDULE_KEYS if k != "max_iters"):  # max_iters alone: horizon kept above
-        planned = replace(cfg, **{k: old[k] for k in SCHEDULE_KEYS if k in old})
-        lines.append(f"resume: learning rate at step {step}: {lr_at(step, planned):.4g} as the checkpoint planned, "
-                     f"{lr_at(step, cfg):.4g} now; steps {step} on follow the new schedule")
-    if "batch_size" in changed or "grad_accum" in changed:
-        lines.append(f"resume: {old['batch_size'] * old['grad_accum']} -> {cfg.batch_size * cfg.grad_accum} "
-                     f"sequences per step from step {step} on; no longer the same batches as an uninterrupted run")
-    if "seed" in changed:
-        lines.append("resume: the training batches continue from the checkpoint's sampler; the evaluation "
-                     "batches change (they are drawn from seed+1)")
-    return cfg, lines
-
-
-def read_metrics(path: Path) -> tuple[list[str], str]:
-    """The lines of metrics.jsonl, each checked to be a JSON record with an integer step. A last line that
-    is blank or cut short (a crash while writing it) is dropped, with a note; any other bad line is a
-    ValueError naming the file and line."""
-    lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the newline that ends the last record
-    for i, line in enumerate(lines, 1):
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            if i == len(lines):
-                return lines[:-1], f"{path}:{i}: dropped a torn last line (a crash while writing it)"
-            raise ValueError(f"{path}:{i}: not a JSON record ({e})") from None
-        step = rec.get("step") if isinstance(rec, dict) else None
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise ValueError(f"{path}:{i}: not a metrics record (expected an object with an integer 'step')")
-    return lines, ""
-
-
-def trim_metrics(path: Path, step: int) -> str:
-    """On resume: drop the records after `step`, which the resumed steps will write again. The file is
-    replaced atomically (a kill at any moment leaves the old file or the trimmed one); returns a note."""
-    if not path.exists():
-        return ""
-    lines, note = read_metrics(path)
-    keep = "".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= step)
-    atomic_write(path, lambda f: f.write(keep.encode()), "metrics file", pause_env=TRIM_PAUSE_ENV)
-    return note
 
 
 def start_outputs(run: Run) -> None:
@@ -513,7 +257,7 @@ def loop(run: Run, stop_flag: dict) -> None:
             return
         record = train_step(run)
         check_finite(run, record["loss"])
-        write_record(run, record)
+        write_record(run.metrics, record)
         if run.dist.master:
             run.bar.set_postfix_str(f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
                                     f"{record['tokens_per_s']:,.0f} tok/s mfu {record['mfu']:.1%}", refresh=False)
@@ -591,16 +335,6 @@ def check_stop(run: Run, stop_flag: dict) -> None:
                               f"{run.last_path} (resume with --resume)", exit_code(name))
 
 
-def write_record(run: Run, record: dict, flush: bool = False) -> None:
-    """One line of metrics.jsonl: a step record, or an evaluation's (kind "eval"). Rank 0 writes."""
-    if run.metrics is not None:
-        # strict JSON: a non-finite number (a NaN loss, the grad norm without clipping) is written as null
-        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        run.metrics.write(json.dumps(clean, allow_nan=False) + "\n")
-        if flush:
-            run.metrics.flush()
-
-
 # ---- evaluation and checkpoints
 
 def evaluate_and_checkpoint(run: Run) -> None:
@@ -617,7 +351,7 @@ def evaluate_and_checkpoint(run: Run) -> None:
                               f"saved to {run.last_path}, the evaluation runs again on --resume", exit_code(name))
     run.last_losses = losses
     if run.dist.master:
-        write_record(run, {"kind": "eval", "step": run.step, "train_loss": losses["train"],
+        write_record(run.metrics, {"kind": "eval", "step": run.step, "train_loss": losses["train"],
                            "val_loss": losses["val"]}, flush=True)
         run.bar.write(f"step {run.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
                       file=sys.stderr)  # stdout stays clean
@@ -632,15 +366,6 @@ def recalibrate_peak(run: Run) -> None:
             time.perf_counter() - run.calibrated_at >= RECALIBRATE_S:
         run.peak.raise_to(peaks.measure_cpu_peak() * run.dist.world)  # a faster reading proves the peak low
         run.calibrated_at = time.perf_counter()
-
-
-def checkpoint_state(run: Run, evaluated: bool = True) -> dict:
-    """Everything a bit-exact resume needs, plus what sample.py and load_model read. evaluated: False when
-    the evaluation due at this step has not run (a signal came first)."""
-    return {"format": FORMAT, "step": run.step, "evaluated": evaluated, "best_val_loss": run.best_val,
-            "model": run.raw_model.state_dict(), "model_config": to_dict(run.model_cfg),
-            "train_config": to_dict(run.cfg), "optimizer": run.optimizer.state_dict(), "rng": rng_state(),
-            "batches": run.train_batches.state_dict(), "meta": run.meta, "dataset": str(run.cfg.dataset)}
 
 
 def save_checkpoints(run: Run, new_best: bool = False, evaluated: bool = True) -> None:
@@ -696,75 +421,17 @@ def summarize(run: Run) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # The command line
 
-def configs_from_argv(argv: list[str]):
-    """[CONFIG.toml] [--key=value ...] -> (GPTConfig, TrainConfig); vocab_size comes from the dataset."""
-    path, overrides = split_argv(argv)
-    values = read_toml(path) if path else {}
-    values.update(parse_overrides(overrides))
-    _, train_cfg = build((GPTConfig, TrainConfig), values, defaults={"vocab_size": 1})
-    dataset = ensure_dataset(train_cfg.dataset)
-    train_cfg = replace(train_cfg, dataset=str(dataset))
-    meta = load_meta(dataset)
-    model_cfg, train_cfg = build((GPTConfig, TrainConfig), {**values, "dataset": str(dataset)},
-                                 defaults={"vocab_size": meta["vocab_size"]})
-    return model_cfg, train_cfg
-
-
-def split_argv(argv: list[str]) -> tuple[Path | None, list[str]]:
-    """(config path, overrides): the config named first, else configs/default.toml when every argument is an
-    override."""
-    if argv and not argv[0].startswith("--"):
-        return Path(argv[0]), argv[1:]
-    return (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None), argv
-
-
 def print_help(argv: list[str]) -> None:
     """The keys with the values the same command without --help would use, and what each one means."""
-    path, overrides = split_argv([a for a in argv if a not in ("-h", "--help")])
-    values = {**(read_toml(path) if path else {}), **parse_overrides(overrides)}
-    dataset = Path(str(values.get("dataset", TrainConfig.dataset)))
-    if "vocab_size" not in values:
-        meta = dataset / "meta.json"
-        values["vocab_size"] = load_meta(dataset)["vocab_size"] if meta.is_file() else "<meta.json>"
-    source = "the defaults" if path is None else path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     print(__doc__.strip() + "\n\n" + USAGE + "\n")
-    print(f"Keys, with the values of {source}{' and the overrides given' if overrides else ''} "
-          f"(docs/config.md describes them all):")
-    for cls, title in ((GPTConfig, "model"), (TrainConfig, "training")):
-        print(f"{title} ({cls.__name__}):")
-        print("\n".join(help_lines(cls, values)))
-
-
-@contextmanager
-def install_signal_handlers(stop_flag: dict):
-    """The first SIGINT or SIGTERM sets stop_flag["signal"]: the run stops at its next safe point (between
-    setup stages, evaluation batches or training steps), saves and exits (check_stop). A second one ends
-    the process at once, by the signal's default action: checkpoints are written atomically, so nothing
-    on disk is torn. The previous handlers come back on the way out."""
-    def on_signal(signum, frame):
-        name = signal.Signals(signum).name
-        if "signal" in stop_flag:
-            os.write(2, f"\ntrain.py: second {name}: exiting now\n".encode())
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        stop_flag["signal"] = name
-        os.write(2, f"\ntrain.py: {name} received: stopping at the next safe point (send it again to exit at "
-                    f"once)\n".encode())  # os.write: safe even while the handler interrupts a print
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    print(keys_help(*split_argv([a for a in argv if a not in ("-h", "--help")])))
 
 
 def run_cli(argv: list[str]) -> int:
     stop_flag: dict = {}
     with install_signal_handlers(stop_flag):  # before the dataset is prepared or anything is built
         try:
-            model_cfg, train_cfg = configs_from_argv(argv)
+            model_cfg, train_cfg = load_recipe(*split_argv(argv))
             stop_before_training(stop_flag)
             train(model_cfg, train_cfg, stop_flag=stop_flag)
         except TrainingStopped as e:

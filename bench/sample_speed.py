@@ -11,19 +11,13 @@ the median of several runs after a short warm-up run; no EOS, so every run gener
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, exit 2 (argparse would add the usage)
-        print(f"sample_speed.py: error: {message}", file=sys.stderr)
-        sys.exit(2)
+from model.cli import OneLineParser, report_errors, resolve_device  # noqa: E402
 
 
 def parse_args(argv):
@@ -66,17 +60,17 @@ def timed(fns: dict, repeats: int, sync) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    return report_errors("sample_speed.py", lambda: run(parse_args(argv)))
+
+
+def run(args) -> int:
     import torch
 
     from model import GPT, GPTConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"error: --device {args.device} but CUDA is not available", file=sys.stderr)
-        return 2
+    device = resolve_device(args.device, "--device")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     hf = None
     if not args.no_hf:

@@ -23,41 +23,13 @@ USAGE = ('usage: python bench/tilt.py "CONFIG.toml [--key=value ...]" [...] [--t
          '[--json=PATH] [--threads=N]')
 
 
-def full_split_loss(model, data, block_size: int, batch_rows: int = 256) -> float:
-    """Mean next-token cross-entropy over every consecutive block_size window of `data` (a 1-D array of ids):
-    windows [i*T, (i+1)*T) predict [i*T+1, (i+1)*T+1); the tail shorter than a window is left out."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-    T = block_size
-    n = (len(data) - 1) // T  # whole windows that still have a next token for their last position
-    ids = torch.from_numpy(np.asarray(data[: n * T + 1], dtype=np.int64))  # (n*T + 1,)
-    x_all, y_all = ids[:-1].view(n, T), ids[1:].view(n, T)  # (n, T) each
-    total = 0.0
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for i in range(0, n, batch_rows):
-            logits, _ = model(x_all[i:i + batch_rows])  # (b, T, V)
-            total += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y_all[i:i + batch_rows].reshape(-1),
-                                     reduction="sum").item()
-    model.train(was_training)
-    return total / (n * T)
-
-
 def parse_run(spec: str):
     """'CONFIG.toml --k=v ...' -> (label, GPTConfig, TrainConfig) with vocab_size from the dataset."""
-    from model.config import GPTConfig, TrainConfig, build, parse_overrides, read_toml
-    from model.training.data import ensure_dataset, load_meta
+    from model.training.recipe import load_recipe
     parts = shlex.split(spec)
     if not parts or parts[0].startswith("--"):
         raise ValueError(f"run {spec!r} must start with a config file")
-    values = read_toml(parts[0])
-    values.update(parse_overrides(parts[1:]))
-    _, cfg = build((GPTConfig, TrainConfig), values, defaults={"vocab_size": 1})
-    dataset = ensure_dataset(cfg.dataset)
-    values["dataset"] = str(dataset)
-    model_cfg, cfg = build((GPTConfig, TrainConfig), values, defaults={"vocab_size": load_meta(dataset)["vocab_size"]})
+    model_cfg, cfg = load_recipe(parts[0], parts[1:])
     label = Path(parts[0]).stem + ("" if len(parts) == 1 else " " + " ".join(parts[1:]))
     return label, model_cfg, cfg
 
@@ -77,9 +49,9 @@ def _run(model_cfg, cfg, eval_every: int, log) -> dict:
     from model import GPT
     from model.gpt.speed import use_cpu_kernels
     from model.training.data import Batches, open_split
-    from model.training.optim import adamw, clip_and_step
+    from model.training.evaluate import full_split_loss
+    from model.training.optim import adamw, clip_and_step, lr_at
     from model.training.runtime import resolve_matmul_precision
-    from train import lr_at
     torch.manual_seed(cfg.seed)
     precision = resolve_matmul_precision(cfg.matmul_precision, "cpu")
     model = GPT(model_cfg, cpu_kernels=use_cpu_kernels("cpu", model_cfg.dropout, precision, False))  # train.py's
@@ -90,7 +62,7 @@ def _run(model_cfg, cfg, eval_every: int, log) -> dict:
     curve, t0 = [], time.perf_counter()
     for step in range(cfg.max_iters + 1):
         if step and (step % eval_every == 0 or step == cfg.max_iters):
-            loss = full_split_loss(model, val, model_cfg.block_size)
+            loss = full_split_loss(model, val)
             curve.append({"step": step, "tokens": step * tokens_per_step, "val_loss": loss})
             log(f"  step {step:5d}  tokens {step * tokens_per_step:>10,}  full-val loss {loss:.4f}  "
                 f"({time.perf_counter() - t0:.0f} s)")

@@ -243,7 +243,7 @@ class FlopgptRunner:
     def step(self) -> float:
         import torch
         from model.training.optim import clip_and_step
-        from train import lr_at
+        from model.training.optim import lr_at
         lr = lr_at(self.it, self.tcfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -470,7 +470,7 @@ def _receive(row: dict, kind: str):
 
 def cli_start(argv: list[str] | None, doc: str, usage: str) -> list[str] | None:
     """Shared start of the bench CLIs: the arguments (sys.argv[1:] by default), or None once -h/--help has
-    printed `doc` and `usage`; puts the repository root on sys.path for the `model` and `train` imports."""
+    printed `doc` and `usage`; puts the repository root on sys.path for the `model` imports."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(doc.strip() + "\n\n" + usage)
@@ -489,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
         from model.training.data import ensure_dataset, load_meta
         from model.flops.peaks import device_peak
-        from train import resolve_device, resolve_dtype
+        from model.cli import resolve_device
+        from model.training.runtime import resolve_dtype
         device = resolve_device(opts["device"])
         dataset = ensure_dataset(opts["dataset"] or default_dataset())
         meta = load_meta(dataset)

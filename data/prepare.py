@@ -12,15 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit code 2 (argparse's default adds the usage)
-        self.exit(2, f"prepare.py: error: {message}\n")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data/ is not a package; model/ is beside it
+from model.cli import OneLineParser, UsageError, report_errors  # noqa: E402
+from model.training.data import prepare  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="prepare.py", description=__doc__.split("\n")[0],
-                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
+    p = OneLineParser(prog="prepare.py", description=__doc__.split("\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 1)[1])
     p.add_argument("--source", choices=("pydoc", "file", "shakespeare"), default=None,
                    help="corpus: the embedded Python docs, a local file, or tiny Shakespeare (default: pydoc, or "
                    "file with --input)")
@@ -39,19 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data/ is not a package; model/ is beside it
-    from model.cli import report_errors
-    from model.training.data import prepare
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.input is not None and args.source == "pydoc":
-        parser.error(f"--input {args.input} conflicts with --source {args.source}")
-    source = args.source or ("file" if args.input else "pydoc")
+    argv = sys.argv[1:] if argv is None else list(argv)
     # OSError covers a missing file, a failed download and a full disk
-    return report_errors("prepare.py", lambda: prepare(source, args.tokenizer, args.out_dir, input_path=args.input,
-                                                       bpe_file=args.bpe_file, vocab_size=args.vocab_size,
-                                                       quiet=args.quiet) and 0, debug=args.debug)
+    return report_errors("prepare.py", lambda: run(build_parser().parse_args(argv)), debug="--debug" in argv)
+
+
+def run(args) -> int:
+    if args.input is not None and args.source == "pydoc":
+        raise UsageError(f"--input {args.input} conflicts with --source {args.source}")
+    source = args.source or ("file" if args.input else "pydoc")
+    prepare(source, args.tokenizer, args.out_dir, input_path=args.input, bpe_file=args.bpe_file,
+            vocab_size=args.vocab_size, quiet=args.quiet)
+    return 0
 
 
 if __name__ == "__main__":

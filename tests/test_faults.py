@@ -24,6 +24,8 @@ from model import GPT, GPTConfig, TrainConfig
 from model.training.checkpoint import (NonFiniteStateError, load_checkpoint, model_from_checkpoint,
                                        non_finite_tensor, save_checkpoint, verify_archive)
 from model.training.lock import LOCK_NAME, OutDirInUseError, OutDirLock, check_out_dir
+from model.training.metrics import TRIM_PAUSE_ENV
+from model.training.optim import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
@@ -182,12 +184,6 @@ def test_out_dir_must_name_a_folder(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------
 # Memory estimates
-
-@pytest.mark.parametrize("cfg", [TINY, GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16,
-                                                 bias=False, pos_encoding="sinusoidal")], ids=["learned", "sinusoidal"])
-def test_param_count_matches_the_built_model(cfg):
-    assert memory.param_count(cfg) == GPT(cfg).num_params()
-
 
 def test_training_estimate_by_hand_and_refusal_names_the_figures(monkeypatch):
     cfg = GPTConfig(vocab_size=100, block_size=32, n_layer=2, n_head=2, n_embd=16)
@@ -386,7 +382,7 @@ def test_kill_9_during_the_metrics_trim_leaves_the_metrics_and_resume_completes(
     model_cfg, cfg = configs(dataset, split, max_iters=3, lr_decay_iters=6)  # its last evaluation: as at 3 of 6
     train_mod.train(model_cfg, cfg)
     before = (split / "metrics.jsonl").read_bytes()
-    env = {**os.environ, train_mod.TRIM_PAUSE_ENV: "60"}
+    env = {**os.environ, TRIM_PAUSE_ENV: "60"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *cli_args(dataset, split, lr_decay_iters=6,
                              resume=True)], stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     wait_for(lambda: list(split.glob(".metrics.jsonl.*.tmp")))  # written, not yet renamed
@@ -433,7 +429,7 @@ def test_resume_names_each_change_and_keeps_the_planned_schedule(dataset, tmp_pa
             "--lr_decay_iters=6 to decay over the new length instead") in err
     assert "evaluation batches change" in err
     planned = [r["lr"] for r in records(short) if "lr" in r]
-    assert planned[:3] == [train_mod.lr_at(s, replace(cfg, max_iters=3)) for s in range(3)]
+    assert planned[:3] == [lr_at(s, replace(cfg, max_iters=3)) for s in range(3)]
     assert planned[3:] == [1e-3] * 3  # past the kept horizon: min_lr
     assert load_checkpoint(short / "last.pt")["train_config"]["lr_decay_iters"] == 3
     train_mod.train(*configs(dataset, asked, max_iters=6, lr_decay_iters=6, resume=True))

@@ -1,4 +1,4 @@
-"""Analytic FLOP formulas (model/flops.py): hand-worked values, parameter counts, modes, approximations."""
+"""Analytic FLOP formulas (model/flops/formulas.py): hand-worked values, parameter counts, modes, approximations."""
 import math
 
 import pytest

@@ -10,6 +10,7 @@ import pytest
 import flops as cli
 from model import GPTConfig, TrainConfig
 from model.flops import formulas as flops
+from model.flops import report
 from model.config import load
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,10 +139,10 @@ def test_sweep_writes_csv_and_plots(tmp_path, capsys):
 
 
 def test_sweep_points():
-    pts = cli.sweep_points(GPTConfig())
+    pts = report.sweep_points(GPTConfig())
     assert [c.n_embd for s, c in pts if s == "width"] == [192, 384, 768, 1536]
     assert [c.n_layer for s, c in pts if s == "depth"] == [1, 6, 12, 24]
-    assert cli.seq_lens(1024)[-1] == 1024 and cli.seq_lens(24) == [1, 2, 4, 8, 16, 24]
+    assert report.seq_lens(1024)[-1] == 1024 and report.seq_lens(24) == [1, 2, 4, 8, 16, 24]
 
 
 @pytest.mark.parametrize("name,shape,params", [

@@ -1,4 +1,4 @@
-"""Measured FLOPs (fvcore + torch FlopCounterMode, model/counters.py) equal the analytic formulas exactly."""
+"""Measured FLOPs (fvcore + torch FlopCounterMode, model/flops/counters.py) equal the analytic formulas exactly."""
 import itertools
 import random
 
@@ -172,7 +172,7 @@ def test_every_rule_is_documented():
 
 
 def simulate_generation(model, prompt_len, new_tokens, batch, use_cache, num_beams):
-    """Drive the model the way model/sampling.py does (crop to block_size; cache refilled when the window
+    """Drive the model the way model/gpt/sampling.py does (crop to block_size; cache refilled when the window
     slides; beams expand after the prefill), counting with FlopCounterMode."""
     block = model.config.block_size
     seqs = torch.zeros(batch, prompt_len + new_tokens, dtype=torch.long, device="meta")  # (B, p+n)

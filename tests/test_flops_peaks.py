@@ -1,10 +1,10 @@
-"""MFU peaks (model/peaks.py): GPU table lookup, CPU calibration, mfu()."""
+"""MFU peaks (model/flops/peaks.py): GPU table lookup, the hardware CPU peak, the cached calibration, Peak."""
 import math
 
 import pytest
 import torch
 
-from model.flops.peaks import GPU_PEAKS, _cpu_peak, gpu_peak, mfu, peak_by_key, peak_flops
+from model.flops.peaks import GPU_PEAKS, device_peak, gpu_peak, peak_by_key, resolve_peak
 
 
 @pytest.mark.parametrize("name,key,tflops", [
@@ -44,45 +44,37 @@ def test_table_keys_unique_and_dense_peaks_plausible():
 
 
 def test_override_wins_and_bad_override_is_an_error():
-    assert peak_flops("cpu", 1.5e12) == (1.5e12, "given (--peak_flops)")
-    assert peak_flops(torch.device("cuda:3"), 2e14)[0] == 2e14  # no CUDA needed when the peak is given
+    assert device_peak(torch.device("cuda:3"), 2e14).flops == 2e14  # no CUDA needed when the peak is given
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError):
-            peak_flops("cpu", bad)
+            device_peak("cpu", bad)
     with pytest.raises(ValueError, match="mps"):
-        peak_flops("mps")
+        device_peak("mps")
 
 
-def test_cpu_peak_is_calibrated_once_per_process():
-    flops, desc = peak_flops("cpu")
-    assert 1e8 < flops < 1e14 and "calibrated" in desc
-    assert peak_flops(torch.device("cpu")) == (flops, desc)  # cached: same measurement
-    assert _cpu_peak.cache_info().hits >= 1
-
-
-def test_mfu():
-    assert mfu(1e12, 2.0, 1e12) == 0.5
-    assert mfu(0, 1.0, 1e12) == 0.0
-    for args in ((1e12, 0.0, 1e12), (1e12, 1.0, 0.0), (1e12, math.inf, 1e12), (-1.0, 1.0, 1e12)):
-        with pytest.raises(ValueError):
-            mfu(*args)
+def test_planner_peak_is_given_or_the_named_device():
+    assert resolve_peak(None, 3e12) == (3e12, "given (--peak-flops)")
+    assert resolve_peak("a100", None)[0] == pytest.approx(312e12)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="--peak-flops"):
+            resolve_peak("a100", bad)
 
 
 @pytest.mark.gpu
 def test_peak_of_this_gpu():
     try:
-        value, desc = peak_flops(torch.device("cuda"))
+        p = device_peak(torch.device("cuda"))
     except ValueError as e:  # a GPU missing from the table must say how to proceed
         assert "--peak_flops" in str(e)
     else:
-        assert value > 1e13 and torch.cuda.get_device_name() in desc
+        assert p.flops > 1e13 and torch.cuda.get_device_name() in p.source
 
 
 # ----------------------------------------------------------------------------------------------------
 # Peak, the hardware CPU peak, the cached calibration
 
 from model.flops import peaks  # noqa: E402
-from model.flops.peaks import Peak, calibrated_cpu_peak, device_peak, hardware_cpu_peak  # noqa: E402
+from model.flops.peaks import Peak, calibrated_cpu_peak, hardware_cpu_peak  # noqa: E402
 
 XEON = {"vendor_id": "GenuineIntel", "cpu family": "6", "cpu MHz": "2000.000",
         "flags": "fpu sse2 avx avx2 fma avx512f amx_bf16 amx_tile"}

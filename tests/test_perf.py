@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import train as train_mod
 from model import GPT, GPTConfig, TrainConfig
-from model.training.optim import adamw
+from model.training.evaluate import full_split_loss
+from model.training.optim import adamw, lr_at
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import profile_step  # noqa: E402
@@ -58,10 +58,10 @@ def test_cpu_adamw_is_fused_and_matches_the_for_loop_reference():
 
 def test_linear_schedule_by_hand():
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=2, max_iters=12, lr_schedule="linear")
-    assert [train_mod.lr_at(s, cfg) for s in range(2)] == [0.5, 1.0]
-    assert train_mod.lr_at(2, cfg) == pytest.approx(1.0)
-    assert train_mod.lr_at(7, cfg) == pytest.approx(0.55)  # halfway from step 2 to step 12
-    assert train_mod.lr_at(12, cfg) == pytest.approx(0.1) and train_mod.lr_at(50, cfg) == pytest.approx(0.1)
+    assert [lr_at(s, cfg) for s in range(2)] == [0.5, 1.0]
+    assert lr_at(2, cfg) == pytest.approx(1.0)
+    assert lr_at(7, cfg) == pytest.approx(0.55)  # halfway from step 2 to step 12
+    assert lr_at(12, cfg) == pytest.approx(0.1) and lr_at(50, cfg) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="'step'"):
         TrainConfig(lr_schedule="step")
 
@@ -70,7 +70,7 @@ def test_full_split_loss_equals_naive_windows():
     torch.manual_seed(0)
     model = GPT(small(block_size=8)).eval()
     data = np.random.default_rng(0).integers(0, 31, size=61).astype(np.uint16)  # 7 windows + a short tail
-    got = tilt.full_split_loss(model, data, 8, batch_rows=3)
+    got = full_split_loss(model, data, 8, batch_rows=3)
     losses = []
     with torch.no_grad():
         for i in range(7):

@@ -1,4 +1,4 @@
-"""Compute planner (model/planner.py and `flops.py --plan`)."""
+"""Compute planner (model/flops/planner.py and `flops.py --plan`)."""
 import json
 import math
 

@@ -128,20 +128,16 @@ def test_train_runs_at_the_precision_and_puts_the_setting_back(dataset, tmp_path
         assert torch.get_float32_matmul_precision() == "high"
 
 
-def test_cpu_peak_is_calibrated_and_cached_per_precision(monkeypatch):
+def test_cpu_calibration_is_cached_per_matmul_precision(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     readings = iter([100e9, 300e9, 999e9])
     monkeypatch.setattr(peaks, "measure_cpu_peak", lambda n=1024, repeats=5: next(readings))
-    peaks._cpu_peak.cache_clear()
-    try:
-        with precision("highest"):
-            fp32 = peaks.cpu_peak()
-            assert peaks.cpu_peak() == fp32  # cached: no second reading
-        with precision("medium"):
-            bf16 = peaks.cpu_peak()
-        assert (fp32[0], bf16[0]) == (100e9, 300e9)
-        assert "CPU fp32, calibrated" in fp32[1] and "bf16 inputs (precision 'medium')" in bf16[1]
-    finally:
-        peaks._cpu_peak.cache_clear()
+    with precision("highest"):
+        fp32 = peaks.calibrated_cpu_peak(trials=1)
+        assert peaks.calibrated_cpu_peak(trials=1).flops == fp32.flops  # cached: no second reading
+    with precision("medium"):
+        bf16 = peaks.calibrated_cpu_peak(trials=1)  # the bf16 matmul peak: its own entry
+    assert (fp32.flops, bf16.flops) == (100e9, 300e9)
 
 
 def test_bench_has_bf16_matmul_rows_only_where_they_run_on_bf16_hardware(monkeypatch):

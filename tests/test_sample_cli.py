@@ -14,6 +14,7 @@ from conftest import needs_r50k as needs_bpe
 from model import GPTConfig, TrainConfig
 from model.training.checkpoint import load_model
 from model.training.data import prepare
+from model.training.tokenizer import StreamPrinter
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "the cat sat on the mat. the dog sat on the log. a cat and a dog met on a mat by a log.\n" * 30
@@ -267,7 +268,7 @@ def test_stream_printer_holds_back_split_characters():
     ids = tok.encode(text)
     assert any("\ufffd" in tok.decode(ids[:i]) for i in range(1, len(ids)))  # some prefix splits a character
     out = io.StringIO()
-    printer = sample_mod.StreamPrinter(tok, ids[:1], out)
+    printer = StreamPrinter(tok, ids[:1], out)
     for t in ids[1:]:
         printer(torch.tensor([t]))
         assert "\ufffd" not in out.getvalue()

@@ -15,6 +15,7 @@ import torch
 import train as train_mod
 from model import GPT, GPTConfig, TrainConfig
 from model.training.checkpoint import load_checkpoint, load_model, save_checkpoint
+from model.training.optim import lr_at
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +37,9 @@ def step_losses(out_dir):
 
 def test_lr_schedule_by_hand():
     cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=4, max_iters=14)
-    assert [train_mod.lr_at(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert train_mod.lr_at(9, cfg) == pytest.approx(0.1 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 0.9)
-    assert train_mod.lr_at(14, cfg) == pytest.approx(0.1) and train_mod.lr_at(99, cfg) == pytest.approx(0.1)
+    assert [lr_at(s, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_at(9, cfg) == pytest.approx(0.1 + 0.5 * (1 + math.cos(math.pi * 0.5)) * 0.9)
+    assert lr_at(14, cfg) == pytest.approx(0.1) and lr_at(99, cfg) == pytest.approx(0.1)
 
 
 def test_train_checkpoint_load_round_trip(dataset, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Popular FLOP formulas, each audited against the exact count of model/flops.py.
+"""Popular FLOP formulas, each audited against the exact count of model/flops/formulas.py.
 
 Every formula is written as its source states it, with the parameter count N it uses named. S (or n_ctx, T)
 is the sequence length, d = n_embd, L = n_layer, H = n_head, Q = head_dim, V = vocab_size.

@@ -5,7 +5,7 @@ fvcore (JIT trace, counts multiply-adds and calls them "flop")
   cross_entropy as unsupported (0), skips dropout/masked_fill/views silently, counts layer_norm at 5 per
   element, and its einsum handle rounds to 4 significant digits. Here every op the model emits gets an
   explicit rule (`FVCORE_RULES`): matmuls return exact multiply-adds keyed by component, non-matmul ops
-  return FLOPs by the conventions of model/flops.py under their own keys, and data movement returns 0
+  return FLOPs by the conventions of model/flops/formulas.py under their own keys, and data movement returns 0
   with the reason written down. `StrictFlopCount` ignores no aten op, so an op without a rule shows up in
   `unsupported_ops()` instead of counting as 0. Matmul multiply-adds are converted to FLOPs (x2); the raw
   figure is kept (`macs`).
@@ -44,6 +44,34 @@ LINEAR_COMPONENTS = (("attn.c_attn", "qkv"), ("attn.c_proj", "attn_proj"), ("mlp
                      ("mlp.c_proj", "mlp_down"), ("lm_head", "lm_head"))
 OTHER_MATMUL = "other_matmul"  # a matmul outside the known modules (none in GPT; kept visible if one appears)
 MATMUL_KEYS = frozenset(MATMUL_COMPONENTS) | {OTHER_MATMUL}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sizes the counters can measure: checked before any model is built
+
+# fvcore and FlopCounterMode trace every block: 0.14 s a block on the shared 2-core Xeon (`python flops.py
+# --n_layer=400`: 67 s); 128 covers GPT-3 175B (96) and Llama 3 405B (126)
+MAX_TRACED_LAYERS = 128
+MAX_ELEMENTS = (2**63 - 1) // 4  # a tensor's size in bytes must fit int64, meta tensors included (float32)
+
+
+def check_sizes(cfg, batch: int, seq_len: int) -> None:
+    """ValueError, before anything is built, for a depth the counters would take minutes to trace or a
+    tensor whose size in bytes overflows int64 (the analytic formulas, --plan, take any size)."""
+    if cfg.n_layer > MAX_TRACED_LAYERS:
+        raise ValueError(f"n_layer={cfg.n_layer:,}: the counters trace every block and flops.py measures at most "
+                         f"{MAX_TRACED_LAYERS} (python flops.py --plan --tokens N gives the exact analytic count at "
+                         f"any depth)")
+    d, h, V = cfg.n_embd, cfg.n_head, cfg.vocab_size
+    largest = {"logits (batch, seq_len, vocab_size)": batch * seq_len * V,
+               "attention scores (batch, n_head, seq_len, seq_len)": batch * h * seq_len ** 2,
+               "MLP activations (batch, seq_len, 4 n_embd)": batch * seq_len * 4 * d,
+               "token embedding (vocab_size, n_embd)": V * d, "position table (block_size, n_embd)": cfg.block_size * d,
+               "MLP weight (4 n_embd, n_embd)": 4 * d * d}
+    for name, n in largest.items():
+        if n > MAX_ELEMENTS:
+            raise ValueError(f"{name} would hold {n:.3e} elements, more than a float32 tensor can (2^63 bytes); "
+                             f"use smaller sizes")
 
 
 # ----------------------------------------------------------------------------------------------------

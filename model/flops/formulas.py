@@ -1,4 +1,4 @@
-"""Analytic FLOP counts of the model in model/gpt.py, as pure functions of (config, batch, sequence length).
+"""Analytic FLOP counts of the model in model/gpt/gpt.py, as pure functions of (config, batch, sequence length).
 
 Convention, used everywhere in this project: one multiply-add = 2 FLOPs. A matmul (M, K) @ (K, N) costs
 2·M·K·N FLOPs. The headline totals count matmuls only (the seven components below, which are what fvcore
@@ -20,7 +20,7 @@ Parameter counts: `params_total` (tied head counted once) equals GPT(cfg).num_pa
 `params_non_embedding` (Kaplan et al. 2020: without the token embedding, which is also the tied head, and
 without the learned position table) equals GPT.num_params(non_embedding=True); `params_kaplan` is Kaplan's
 N = 12·L·d². The exact counts below use no parameter count at all; the approximations in
-model/approximations.py say which N each uses.
+model/flops/approximations.py say which N each uses.
 """
 from __future__ import annotations
 
@@ -314,7 +314,7 @@ def generation_calls(cfg: GPTConfig, prompt_len: int, new_tokens: int, *, batch:
     """The forward calls that produce `new_tokens` tokens after a `prompt_len`-token prompt, as
     (rows, new tokens, past) triples; every call computes logits for its last position only.
 
-    This is the schedule of model/sampling.py (generate and beam_search): call k (k = 0..n-1) sees the
+    This is the schedule of model/gpt/sampling.py (generate and beam_search): call k (k = 0..n-1) sees the
     sequence of length p+k cropped to its last block_size tokens (nanoGPT's rule). Without a cache every call
     recomputes that whole window. With a cache the first call prefills the window and later calls feed one
     token, until the window starts to slide (p+k > block_size): positions then shift, so the cache is

@@ -12,7 +12,7 @@ Sources (where each number was read):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from fractions import Fraction
 
 from . import approximations
@@ -241,3 +241,35 @@ def paper_table(name: str) -> dict:
         raise ValueError(f"unknown paper {name!r}; known: {', '.join(PAPERS)}")
     build, source = PAPERS[name]
     return {"paper": name, "source": source, "rows": [row.as_dict() for row in build()]}
+
+
+def _g(x) -> str:
+    if x is None:
+        return "—"
+    return f"{x:,}" if isinstance(x, int) and abs(x) < 10 ** 12 else f"{x:.4g}"
+
+
+def render_table(table: dict) -> str:
+    """A paper_table as `python flops.py --paper NAME` prints it: each row's published value, ours under the
+    paper's convention and the exact count, with the ratios; then each convention once."""
+    rows = table["rows"]
+    lines = [f"{table['paper']}: {table['source']}",
+             f"{'row':<50}{'published':>16}{'ours':>16}{'exact':>16}{'ours/pub':>10}{'exact/pub':>10}"]
+    notes = []
+    for i, r in enumerate(rows):
+        ratio = "—" if r["exact_over_published"] is None else f"{r['exact_over_published']:.4f}"
+        lines.append(f"{r['name'][:49]:<50}{_g(r['published']):>16}{_g(r['ours']):>16}{_g(r['exact']):>16}"
+                     f"{r['ours_over_published']:>10.4f}{ratio:>10}")
+        if i == 0 or r["convention"] != rows[i - 1]["convention"]:  # a run of rows sharing one is listed once
+            notes.append(f"  {r['name']}: {r['convention']}")
+    return "\n".join(lines + ["", "conventions (ours = the paper's convention applied to our formulas; exact = "
+                                   "this project's matmul count):"] + notes)
+
+
+def markdown() -> str:
+    """The papers' section of docs/flops.md: every table as `python flops.py --paper NAME` prints it."""
+    parts = []
+    for name in PAPERS:
+        parts += [f"### {name}", "", "```", f"$ python flops.py --paper {name}", render_table(paper_table(name)),
+                  "```", ""]
+    return "\n".join(parts)

@@ -63,7 +63,7 @@ def gpu_peak(name: str) -> GpuPeak:
     for entry in GPU_PEAKS:
         if re.search(entry.pattern, name, flags=re.IGNORECASE):
             return entry
-    raise ValueError(f"unknown GPU {name!r}: no peak FLOP/s in model/peaks.py; pass --peak_flops=<FLOP/s> "
+    raise ValueError(f"unknown GPU {name!r}: no peak FLOP/s in model/flops/peaks.py; pass --peak_flops=<FLOP/s> "
                      f"(its dense bf16 tensor-core peak)")
 
 
@@ -96,53 +96,6 @@ def measure_cpu_peak(n: int = 1024, repeats: int = 5) -> float:
     b = torch.randn(n, n, generator=g)  # (n, n)
     torch.mm(a, b)  # warm-up: thread pool, caches
     return 2 * n ** 3 / _matmul_seconds(a, b, repeats)
-
-
-def cpu_peak(n: int = 1024, repeats: int = 5) -> tuple[float, str]:
-    """measure_cpu_peak, cached for the process (the first call measures), with a description. The matmuls
-    run at the current torch.get_float32_matmul_precision(): under "medium" that is the bf16 peak (oneDNN, AMX
-    where present) which such a run's matmuls use, calibrated and cached separately."""
-    import torch
-    return _cpu_peak(torch.get_float32_matmul_precision(), n, repeats)
-
-
-@functools.lru_cache(maxsize=4)
-def _cpu_peak(precision: str, n: int, repeats: int) -> tuple[float, str]:
-    import torch
-    kind = "fp32" if precision != "medium" else "fp32 matmuls with bf16 inputs (precision 'medium')"
-    return measure_cpu_peak(n, repeats), (f"CPU {kind}, calibrated: best of {repeats} {n}x{n} matmuls on "
-                                          f"{torch.get_num_threads()} threads")
-
-
-def peak_flops(device, override: float = 0.0) -> tuple[float, str]:
-    """Peak FLOP/s of `device` (torch.device or str) and a description.
-
-    override > 0 wins. CUDA: the dense bf16 table above, matched on the device name (unknown GPU ->
-    ValueError asking for --peak_flops). CPU: a short calibrated fp32 matmul measurement, once per process.
-    """
-    import torch
-    check("peak_flops override", override, float, 0)
-    if override > 0:
-        return float(override), "given (--peak_flops)"
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        entry = gpu_peak(name)
-        return entry.flops, f"{name}: {entry.note}"
-    if device.type == "cpu":
-        return cpu_peak()
-    raise ValueError(f"no peak FLOP/s known for device type {device.type!r}; pass --peak_flops=<FLOP/s>")
-
-
-def mfu(flops_per_step: float, step_seconds: float, peak: float) -> float:
-    """Model FLOPs utilization: (flops_per_step / step_seconds) / peak."""
-    if not step_seconds > 0 or not math.isfinite(step_seconds):
-        raise ValueError(f"step_seconds must be a positive finite number, got {step_seconds!r}")
-    if not peak > 0 or not math.isfinite(peak):
-        raise ValueError(f"peak must be a positive finite FLOP/s, got {peak!r}")
-    if flops_per_step < 0:
-        raise ValueError(f"flops_per_step must be >= 0, got {flops_per_step!r}")
-    return flops_per_step / step_seconds / peak
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -421,3 +374,34 @@ def device_peak(device, override: float = 0.0, recalibrate: bool = False) -> Pea
     if calibrated is not None:
         hardware.raise_to(calibrated.flops)  # a calibration above the hardware figure proves it low
     return hardware
+
+
+def resolve_peak(device: str | None, peak: float | None) -> tuple[float, str]:
+    """The planner's peak FLOP/s and its description: a given peak, else the device's (a GPU short name
+    from the table, or "cpu": this machine's, calibrated), cpu when neither is given."""
+    if peak is not None:
+        if not (math.isfinite(peak) and peak > 0):
+            raise ValueError(f"--peak-flops must be a positive FLOP/s, got {peak!r}")
+        return peak, "given (--peak-flops)"
+    name = device or "cpu"
+    if name.lower() == "cpu":
+        cpu = device_peak("cpu")
+        return cpu.flops, cpu.source
+    entry = peak_by_key(name)
+    return entry.flops, entry.note
+
+
+def peak_report(device, override: float = 0.0, recalibrate: bool = False) -> dict:
+    """flops.py --peak: the peak MFU uses on `device` and its source; on the CPU also the hardware figure and
+    the cached calibration beside it (recalibrate: measure it again)."""
+    import torch
+    result = {"device": str(device)}
+    if device.type == "cpu":
+        hardware = hardware_cpu_peak(precision=torch.get_float32_matmul_precision())
+        calibrated = calibrated_cpu_peak(recalibrate=recalibrate, measure=recalibrate or hardware is None)
+        result.update({"hardware_flops": hardware and hardware.flops, "hardware_source": hardware and hardware.source,
+                       "calibrated_flops": calibrated and calibrated.flops,
+                       "calibrated_source": calibrated and calibrated.source, "cache": str(cache_path())})
+    peak = device_peak(device, override)
+    result.update({"peak_flops": peak.flops, "peak_source": peak.source, "peak_messages": peak.messages})
+    return result

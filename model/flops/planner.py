@@ -1,7 +1,7 @@
 """Compute planner: the exact training compute of a run of N tokens, its wall time, and its scale class.
 
 Exact compute = ceil(N / T) whole sequences of T tokens, each costing train_step_flops(config, 1, T) (the
-forward+backward matmul FLOPs of model/flops.py), beside 6ND (N = all parameters, D = the tokens asked for)
+forward+backward matmul FLOPs of model/flops/formulas.py), beside 6ND (N = all parameters, D = the tokens asked for)
 and PaLM's (6N + 12·L·H·Q·T)·D.
 """
 from __future__ import annotations

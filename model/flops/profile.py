@@ -185,26 +185,3 @@ def profile_step(cfg: GPTConfig, batch: int, seq_len: int, device: torch.device,
             "all_flops": total_flops, "flops_per_s": model_flops / plain, "mfu": mfu, "peak_flops": peak.flops,
             "peak_source": peak.source, "peak_messages": list(peak.messages),
             "attention": "fused kernel" if timer.fused else "separate ops"}
-
-
-def plot_profile(result: dict, path) -> None:
-    """FLOP share beside time share, one pair of bars per component (matplotlib, Agg)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = result["rows"]
-    names = [r["component"] for r in rows]
-    y = range(len(rows))
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.5))
-    ax.barh([i - 0.2 for i in y], [100 * r["flop_share"] for r in rows], height=0.4, label="share of FLOPs")
-    ax.barh([i + 0.2 for i in y], [100 * r["time_share"] for r in rows], height=0.4, label="share of time")
-    ax.set_yticks(list(y), names)
-    ax.invert_yaxis()
-    ax.set_xlabel("% of the training step")
-    ax.set_title(f"{result['device']}, batch {result['batch_size']} x {result['seq_len']}: step "
-                 f"{result['step_seconds'] * 1e3:.1f} ms profiled, MFU {result['mfu']:.1%} of "
-                 f"{result['peak_flops'] / 1e9:,.0f} GFLOP/s", fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

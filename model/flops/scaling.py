@@ -28,6 +28,8 @@ from ..config import GPTConfig, check
 from .formulas import params_non_embedding, params_total, train_step_flops
 
 CONVENTIONS = ("exact", "6nd", "6n_nonembedding_d")
+NAMES = {"exact": "exact FLOPs, N = all params", "6nd": "6ND, N = all params",
+         "6n_nonembedding_d": "6·N_non-emb·D, N = non-emb"}  # each convention as reports and pictures name it
 MIN_STEPS = 10  # fewer optimizer steps leave no room for warmup and decay
 RECORD_KEYS = ("budget", "params", "params_nonembedding", "tokens", "flops", "flops_6nd", "val_loss")
 POINT_KEYS = ("budget", "n_layer", "n_head", "n_embd", "vocab_size", "block_size", "batch_size", "grad_accum",
@@ -231,3 +233,15 @@ def compute_multiplier(frontier_a: dict, frontier_b: dict, loss: float) -> float
     if None in (sa, sb) or sa >= 0 or sb >= 0:
         return None
     return float(10.0 ** ((loss - ia) / sa - (loss - ib) / sb))
+
+
+def compare_lines(fits: dict[str, dict], names: list[str], paths: list[str]) -> dict:
+    """Two recipes' lines and the compute multiplier at A's loss at each budget. The line is the parabola
+    frontier when every budget of both recipes has its vertex inside the ladder, else the best-run line."""
+    inside = all(p["in_range"] for n in names for p in fits[n]["per_budget"])
+    kind, key = ("frontier", "loss_opt") if inside else ("frontier_measured", "loss_best")
+    fa, fb = fits[names[0]][kind], fits[names[1]][kind]
+    rows = [{"loss": p[key], "budget": p["budget"], "multiplier": compute_multiplier(fa, fb, p[key])}
+            for p in fits[names[0]]["per_budget"]]
+    return {"line": kind, "a": {"config": paths[0], "frontier": fa, "fit": fits[names[0]]},
+            "b": {"config": paths[1], "frontier": fb, "fit": fits[names[1]]}, "multiplier_at_a_budgets": rows}

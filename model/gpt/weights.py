@@ -26,16 +26,21 @@ GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # the tanh approximation our MLP 
 OUT_DIR_CHECKPOINTS = ("best.pt", "last.pt")  # what train.py leaves in its out_dir, in order of preference
 
 
+def out_dir_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint to read from a train.py out_dir: best.pt, else last.pt; None when it holds neither."""
+    return next((Path(out_dir) / name for name in OUT_DIR_CHECKPOINTS if (Path(out_dir) / name).is_file()), None)
+
+
 def load_pretrained(cls: type[GPT], path: str | Path, device: str | torch.device = "cpu") -> GPT:
     """A `cls` (GPT) in eval mode from a Hugging Face GPT-2 folder (config.json + weights), a train.py out_dir
     (its best.pt, else last.pt), or a checkpoint file: train.py's or nanoGPT's ckpt.pt."""
     path = Path(path)
     if path.is_dir() and not (path / "config.json").is_file():
-        found = [path / name for name in OUT_DIR_CHECKPOINTS if (path / name).is_file()]
-        if not found:
+        found = out_dir_checkpoint(path)
+        if found is None:
             raise FileNotFoundError(f"{path}: neither a Hugging Face folder (no config.json) nor a train.py out_dir "
                                     f"(no {' or '.join(OUT_DIR_CHECKPOINTS)})")
-        path = found[0]
+        path = found
     if path.is_dir():
         model = load_hf_gpt2(cls, path)
     elif path.is_file():

@@ -1,9 +1,10 @@
 """Datasets on disk (train.bin, val.bin, meta.json): preparing them from a corpus, and random batches drawn
-from np.memmap views.
+from np.memmap views. torch is imported by Batches only: the recipe loader (model/training/recipe.py) reads
+meta.json for flops.py without it.
 
 A dataset folder holds the token ids of the first 90% of the corpus (train.bin) and of the rest (val.bin),
 as uint16 (uint32 when the vocabulary exceeds 65,535), and meta.json: the tokenizer's description (see
-model/tokenizer.py), the dtype and the split sizes. JSON, never pickle, so checkpoints can embed it.
+model/training/tokenizer.py), the dtype and the split sizes. JSON, never pickle, so checkpoints can embed it.
 """
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ import sys
 import tempfile
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..config import check, read_json
 from .tokenizer import (RANKS_FILE, TOKENIZERS, CharTokenizer, TiktokenTokenizer, Tokenizer, bpe_tokenizer,
                         gpt2_tokenizer, sha256_file)
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_DATASET = "data/pydoc_char"
 SOURCES = ("pydoc", "file", "shakespeare")
@@ -80,6 +84,7 @@ class Batches:
 
     def __init__(self, dataset_dir: str | Path, split: str, block_size: int, batch_size: int,
                  seed: int = 0, device: str | torch.device = "cpu"):
+        import torch
         for name, value in (("block_size", block_size), ("batch_size", batch_size)):
             check(name, value, int, 1)
         self.data = open_split(dataset_dir, split)
@@ -104,6 +109,7 @@ class Batches:
         self.rng = np.random.default_rng(self.seed)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch  # a dictionary lookup after the first call
         starts = self._starts()
         # one fancy-index gather of (B, T+1) tokens, then x and y are views of it
         window = torch.from_numpy(self.data[starts[:, None] + self._offsets].astype(np.int64))  # (B, T+1)

@@ -5,8 +5,8 @@ naming the figures, instead of a swap storm, an allocator traceback or the OOM k
 lower bounds: what the tensors themselves take, nothing for the allocator's slack or the framework, so a
 refusal is certain and a config that passes can still be tight.
 
-    parameters    the model's weights (counted exactly: the GPT built on the meta device, which allocates
-                  nothing, with one block, the block's count times n_layer)
+    parameters    the model's weights (counted exactly: model/flops/formulas.py's params_total, the closed form
+                  a test checks against GPT.num_params)
     gradients     one per parameter
     AdamW moments two per parameter (exp_avg, exp_avg_sq)
     activations   what backward keeps per layer: 16 values per token (Korthikanti et al. 2022, "Reducing
@@ -19,13 +19,12 @@ refusal is certain and a config that passes can still be tight.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..config import GPTConfig
-from ..gpt.gpt import GPT
+from ..flops.formulas import params_total
 
 FLOAT32 = 4
 INT64 = 8
@@ -36,16 +35,8 @@ class InsufficientMemoryError(ValueError):
     """A config needs more memory than the machine has."""
 
 
-def param_count(cfg: GPTConfig) -> int:
-    """Parameters of GPT(cfg), without allocating them and in constant time for any n_layer."""
-    with torch.device("meta"):
-        one = GPT(replace(cfg, n_layer=1))
-    per_block = sum(p.numel() for p in one.transformer.h[0].parameters())
-    return one.num_params() + (cfg.n_layer - 1) * per_block
-
-
 def weights_bytes(cfg: GPTConfig, itemsize: int = FLOAT32) -> dict[str, int]:
-    return {"parameters": param_count(cfg) * itemsize}
+    return {"parameters": params_total(cfg) * itemsize}
 
 
 def training_bytes(cfg: GPTConfig, batch_size: int, itemsize: int = FLOAT32) -> dict[str, int]:

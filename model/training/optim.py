@@ -1,8 +1,24 @@
-"""The optimizer of train.py: torch's AdamW, fused, with decoupled weight decay on 2-D weights only, and the
-clipped step."""
+"""The optimizer of train.py: torch's AdamW, fused, with decoupled weight decay on 2-D weights only, the
+clipped step, and the learning-rate schedule."""
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup from 0 to lr over warmup_iters, then decay to min_lr at lr_decay_iters: a half cosine
+    (cfg.lr_schedule == "cosine") or a straight line ("linear")."""
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if step < cfg.warmup_iters:
+        return cfg.lr * (step + 1) / cfg.warmup_iters
+    if step >= decay_iters:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    if getattr(cfg, "lr_schedule", "cosine") == "linear":
+        return cfg.lr + progress * (cfg.min_lr - cfg.lr)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
 def adamw(model, lr: float, weight_decay: float, betas: tuple[float, float],

@@ -6,7 +6,8 @@ kernel's page faults and page zeroing again for every large tensor. At nanoGPT's
 (64, 6, 256, 256) attention weights are 100 MB each. What the setting buys, measured, is in
 docs/performance.md. The CUDA caching allocator keeps freed GPU memory for reuse for the same reason.
 
-The matmul precision: TrainConfig.matmul_precision, resolved and described here, set by train.py for a run.
+The matmul precision: TrainConfig.matmul_precision, resolved and described here, set by train.py for a run;
+and the autocast dtype of a run (resolve_dtype).
 """
 from __future__ import annotations
 
@@ -84,3 +85,12 @@ def describe_matmul_precision(precision: str, device_type: str) -> str:
         unit = "no bf16 unit: emulated, likely slower" if unit == "emulated" else unit
         return f"fp32 matmuls with bf16 inputs and fp32 accumulation (oneDNN, {unit})"
     return "fp32 matmuls at precision 'high' (TF32 only where oneDNN has it for this CPU)"
+
+
+def resolve_dtype(name: str, device) -> str:
+    """TrainConfig.dtype -> the autocast dtype of a run: "auto" is bfloat16 on a CUDA device that supports
+    it, else float32; bfloat16 on the CPU is kept (its autocast works, rarely faster)."""
+    import torch
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return name

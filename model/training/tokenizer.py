@@ -345,3 +345,56 @@ def load_tokenizer(meta: dict, dataset_dir: str | Path | None = None,
         raise ValueError(f"{name} meta says vocab_size={meta['vocab_size']} but its tokenizer has "
                          f"{tok.vocab_size} tokens")
     return tok
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prompts and samples: the end-of-text token
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of text; a literal <|endoftext|> becomes the end-of-text token where the tokenizer has one."""
+    eot = tokenizer.eot_token_id
+    if eot is None:
+        return tokenizer.encode(text)
+    ids: list[int] = []
+    for i, piece in enumerate(text.split(ENDOFTEXT)):
+        if i:
+            ids.append(eot)
+        ids.extend(tokenizer.encode(piece))
+    return ids
+
+
+def cut_at_eot(ids: list[int], prompt_len: int, eot: int | None) -> list[int]:
+    """The prompt plus the generated tokens before the first end-of-text token (which is dropped)."""
+    if eot is not None and eot in ids[prompt_len:]:
+        return ids[:ids.index(eot, prompt_len)]
+    return ids
+
+
+class StreamPrinter:
+    """on_token callback: print the text one sample gains with each token, as soon as it is whole.
+
+    Decodes the ids so far and prints what is new; a byte-level tokenizer may stop in the middle of a
+    UTF-8 character (decoded as U+FFFD), so the tail is held back until the character is complete.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: list[int], out):
+        self.tokenizer, self.ids, self.out = tokenizer, list(prompt_ids), out
+        self.shown = len(tokenizer.decode(self.ids))
+        self.done = False
+
+    def __call__(self, tokens) -> None:
+        tok = int(tokens[0])
+        if self.done or tok == self.tokenizer.eot_token_id:
+            self.done = True
+            return
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids)
+        whole = text.rstrip("\ufffd")
+        if len(whole) > self.shown:
+            self.out.write(whole[self.shown:])
+            self.out.flush()
+            self.shown = len(whole)
+
+    def finish(self) -> None:
+        text = self.tokenizer.decode(self.ids)
+        self.out.write(text[self.shown:] + "\n")  # whatever was held back (an unfinished character)
