@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -30,7 +31,7 @@ from model.flops.peaks import device_peak, peak_report, resolve_peak
 from model.flops.planner import DEFAULT_MFU, parse_tokens, plan_run
 from model.flops.plots import plot_profile
 from model.training.recipe import load_model_config
-from model.training.threads import describe as describe_threads, set_threads, set_wait_policy
+from model.training.threads import cpu_threads, describe as describe_threads, set_wait_policy
 
 USAGE = ("python flops.py [CONFIG.toml] [--key=value ...] [--batch-size B] [--seq-len T] [--json] "
          "[--sweep OUT_DIR] | --plan --tokens N [--device NAME | --peak-flops F] [--mfu M] | --paper NAME | "
@@ -66,7 +67,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                                               "(best of 5 trials) and replace the cached one")
     p.add_argument("--threads", type=int, default=0, help="--profile: CPU threads; 0 = one per core, torch's "
                                                             "default (default %(default)s)")
-    p.add_argument("--out", metavar="PNG", help="--profile: where to write the FLOP-share vs time-share plot")
+    p.add_argument("--out", metavar="PNG", help="--profile: where to write the FLOP-share vs time-share plot "
+                                                   "(default out/profile_<config>.png)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     if "-h" in argv or "--help" in argv:  # the help lists the model keys with this command's values
         known, overrides = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])
@@ -211,7 +213,7 @@ def run_peak(args) -> int:
 # --profile
 
 def render_profile(r: dict) -> str:
-    lines = [f"profile: {r['device']}, batch {r['batch_size']} x seq_len {r['seq_len']}, mean of {r['steps']} "
+    lines = [f"profile: {r['model']} on {r['device']}, batch {r['batch_size']} x seq_len {r['seq_len']}, mean of {r['steps']} "
              f"profiled training steps (forward + backward + clip + AdamW); attention: {r['attention']}; "
              f"{r['threads']}",
              f"{'component':<17}{'FLOPs':>18}{'ms':>10}{'GFLOP/s':>10}{'FLOPs %':>9}{'time %':>8}"]
@@ -235,9 +237,11 @@ def run_profile(cfg, args, seq_len: int) -> int:
         raise ValueError("--profile takes no --plan, --sweep, --tokens or --mfu")
     check_sizes(cfg, args.batch_size, seq_len)
     device = resolve_device(args.device or "auto", "--device")
-    result = {"threads": describe_threads(set_threads(args.threads))}
-    result |= profile_step(cfg, args.batch_size, seq_len, device, device_peak(device, args.peak_flops or 0.0))
-    out = Path(args.out or "flops_profile.png")
+    name = Path(args.config).stem if args.config else "GPT-2 124M" if cfg == GPTConfig() else "GPTConfig"
+    with cpu_threads(args.threads) as threads:  # the caller's count comes back afterwards
+        result = {"model": f"{name} ({cfg.n_layer} layers x {cfg.n_embd})", "threads": describe_threads(threads)}
+        result |= profile_step(cfg, args.batch_size, seq_len, device, device_peak(device, args.peak_flops or 0.0))
+    out = Path(args.out or Path("out") / f"profile_{re.sub(r'[^A-Za-z0-9.]+', '_', name)}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_profile(result, out)
     result["png"] = str(out)

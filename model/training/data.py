@@ -8,6 +8,7 @@ model/training/tokenizer.py), the dtype and the split sizes. JSON, never pickle,
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -396,6 +397,7 @@ def ensure_dataset(dataset_dir: str | Path) -> Path:
     default = (_repo_root() / DEFAULT_DATASET).resolve()
     if path == Path(DEFAULT_DATASET) or path.resolve() == default:
         print(f"dataset {path} not found; preparing it (once)", file=sys.stderr)
-        return prepare("pydoc", "char", path)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout stays the caller's (--json output)
+            return prepare("pydoc", "char", path)
     raise FileNotFoundError(f"dataset not found: {path} (no meta.json); prepare it with "
                             f"`{prepare_command(path)}`")
