@@ -136,12 +136,13 @@ def run(args, out=None) -> None:
     out = sys.stdout if out is None else out
     device = resolve_device(args.device, "--device")
     model, tokenizer = load(args, device)
-    print(f"sample.py: {model.num_params():,} parameters on {device}; {describe(set_threads(args.threads))}",
-          file=sys.stderr)
     text = prompt_text(args, tokenizer)
     ids = encode_prompt(tokenizer, text)
     eot = tokenizer.eot_token_id
     check_memory(args, model.config, len(ids), device)
+    # the start-up line, once the input is known good (a bad one gets its one error line alone)
+    print(f"sample.py: {model.num_params():,} parameters on {device}; {describe(set_threads(args.threads))}",
+          file=sys.stderr)
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eot,

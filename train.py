@@ -121,9 +121,9 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     TrainingStopped when a signal or a non-finite loss ends it early (after saving what can be saved).
 
     Float32 matmuls run at cfg.matmul_precision for the run (on CUDA: those left outside autocast). torch keeps
-    that setting process-wide, so it is put back afterwards for callers in the same process; so is the CPU thread
-    count (cfg.threads; model/training/threads.py). Rank 0 holds
-    out_dir/.lock for the whole run: a second run on the same out_dir is refused (model/training/lock.py).
+    that setting process-wide, so it is put back afterwards for callers in the same process; so is the CPU
+    thread count (cfg.threads; model/training/threads.py). Rank 0 holds out_dir/.lock for the whole run: a
+    second run on the same out_dir is refused (model/training/lock.py).
     """
     lock = OutDirLock(cfg.out_dir) if Distributed().master else nullcontext()
     with lock, matmul_precision(cfg.matmul_precision, resolve_device(cfg.device).type), cpu_threads(cfg.threads):
