@@ -6,6 +6,7 @@ training step per component; show the peak FLOP/s behind MFU.
     python flops.py [CONFIG.toml] --plan --tokens N [--device NAME | --peak-flops F] [--mfu M] [--json]
     python flops.py --paper gpt3|chinchilla|kaplan|palm|megatron|nanogpt [--json]
     python flops.py [CONFIG.toml] --profile [--batch-size B] [--device cpu|cuda] [--out PNG] [--json]
+    python flops.py [CONFIG.toml] --tools [--batch-size B] [--seq-len T] [--attention=manual] [--out PNG] [--json]
     python flops.py --peak [--recalibrate] [--json]
 
 FLOPs = 2 per multiply-add everywhere. No config = GPT-2 124M (GPTConfig defaults). Measurements run on
@@ -35,7 +36,7 @@ from model.training.threads import cpu_threads, describe as describe_threads, se
 
 USAGE = ("python flops.py [CONFIG.toml] [--key=value ...] [--batch-size B] [--seq-len T] [--json] "
          "[--sweep OUT_DIR] | --plan --tokens N [--device NAME | --peak-flops F] [--mfu M] | --paper NAME | "
-         "--profile [--out PNG] | --peak [--recalibrate]")
+         "--profile [--out PNG] | --tools [--out PNG] | --peak [--recalibrate]")
 
 
 def model_keys_help(path: str | None, overrides: list[str]) -> str:
@@ -62,13 +63,15 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                                    "palm, megatron, nanogpt")
     p.add_argument("--profile", action="store_true", help="time forward, backward and optimizer step per "
                                                           "component on this device (writes a PNG with --out)")
+    p.add_argument("--tools", action="store_true", help="run every installed FLOP counter (fvcore, FlopCounterMode, "
+                   "ptflops, thop, calflops, DeepSpeed) on this GPT beside the exact count (PNG: --out)")
     p.add_argument("--peak", action="store_true", help="the peak FLOP/s MFU uses on this machine, and its source")
     p.add_argument("--recalibrate", action="store_true", help="--peak: measure the CPU calibration again "
                                                               "(best of 5 trials) and replace the cached one")
     p.add_argument("--threads", type=int, default=0, help="--profile: CPU threads; 0 = one per core, torch's "
                                                             "default (default %(default)s)")
-    p.add_argument("--out", metavar="PNG", help="--profile: where to write the FLOP-share vs time-share plot "
-                                                   "(default out/profile_<config>.png)")
+    p.add_argument("--out", metavar="PNG", help="--profile / --tools: where to write the picture (--profile's "
+                                                   "default: out/profile_<config>.png)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     if "-h" in argv or "--help" in argv:  # the help lists the model keys with this command's values
         known, overrides = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])
@@ -275,6 +278,10 @@ def run(args, overrides: list[str], start: float) -> int:
         return 0
     if args.profile:
         return run_profile(cfg, args, T)
+    if args.tools:  # model/flops/tools.py
+        from model.flops.tools_report import run_tools
+        device = resolve_device(args.device or "cpu", "--device")
+        return run_tools(cfg, args.batch_size, T, as_json=args.json, out=args.out, device=str(device))
     if args.tokens is not None or args.device is not None or args.peak_flops is not None or args.mfu is not None:
         raise ValueError("--tokens, --device, --peak-flops and --mfu need --plan")
     from model.flops import report  # torch loads here: --help and usage errors come before it

@@ -4,6 +4,9 @@
                       [--sizes 5] [--aspect 8] [--head-dim 8] [--out DIR] [--jobs N]
                       [--dry-run [--json] | --print-commands | --collect]
     python scaling.py --fit OUT/results.jsonl [--json]
+    python scaling.py --fit FILE --method parametric [--bootstrap K] [--seed S] [--exclude-highest M] [--json]
+    python scaling.py --fit OUT/results.jsonl --compare [--bootstrap K] [--json]
+    python scaling.py --ladder [--preset tiny|default] [--jobs N]
     python scaling.py --compare A.toml B.toml [--budgets ... | --preset ...] [--out DIR] [--jobs N]
 
 For each budget C, a ladder of models of one family (n_embd = aspect · n_layer, head size fixed) each trains
@@ -39,7 +42,7 @@ from model.training.sweep import Sweep, point_state, public, read_results, run_s
 
 USAGE = ("python scaling.py [BASE.toml] [--key=value ...] [--preset NAME | --budgets C1,C2,...] [--sizes K] "
          "[--out DIR] [--jobs N] [--dry-run [--json] | --print-commands | --collect] | --fit RESULTS.jsonl "
-         "[--json] | --compare A.toml B.toml")
+         "[--json] [--method parametric | --compare] | --compare A.toml B.toml | --ladder")
 PRESETS = {
     # tokens_per_param centres each ladder; 200, not Chinchilla's 20: at these budgets the measured optima sit
     # at 100-500 tokens per parameter (docs/scaling.md), and 20 pushes the ladders above them
@@ -74,11 +77,21 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--print-commands", action="store_true", help="one train.py command per unfinished run")
     p.add_argument("--collect", action="store_true", help="record runs finished elsewhere, train nothing")
     p.add_argument("--fit", metavar="RESULTS", help="refit a results.jsonl (needs no training)")
-    p.add_argument("--compare", nargs=2, metavar=("A.toml", "B.toml"), help="sweep two recipes, compare lines")
+    p.add_argument("--compare", nargs="*", metavar="A.toml B.toml",
+                   help="sweep two recipes and compare their lines; with --fit: compare the two fitting methods")
+    p.add_argument("--method", choices=("isoflop", "parametric"), default="isoflop",
+                   help="with --fit: IsoFLOP parabolas (approach 2, default) or the parametric surface (approach 3)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap refits for the intervals (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
+    p.add_argument("--exclude-highest", type=int, default=0, metavar="M",
+                   help="parametric fit without the M highest-loss points (Besiroglu et al. exclude 5)")
+    p.add_argument("--ladder", action="store_true", help="Porian et al.'s steps from Kaplan's setup to Chinchilla's")
     args, rest = p.parse_known_args(argv)
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
-    modes = [m for m in ("dry_run", "print_commands", "collect", "fit", "compare") if getattr(args, m)]
+    if args.compare is not None and len(args.compare) != (0 if args.fit else 2):
+        raise ValueError("--compare takes two recipes A.toml B.toml, or none with --fit RESULTS (both methods)")
+    modes = [m for m in ("dry_run", "print_commands", "collect", "fit", "compare", "ladder") if getattr(args, m)]
     if len(modes) > 1:
         raise ValueError(f"--{modes[0].replace('_', '-')} and --{modes[1].replace('_', '-')} exclude each other")
     return args, rest
@@ -215,9 +228,28 @@ def do_sweep(args, overrides, budgets, sizes) -> int:
 
 def do_fit(args, overrides) -> int:
     if overrides or args.config or args.budgets or args.preset:
-        raise ValueError("--fit takes a results file only (with --json, --out)")
+        raise ValueError("--fit takes a results file only (with --json, --out, --method, --compare)")
     path = Path(args.fit)
+    if args.method == "parametric" or args.compare is not None:
+        from model.flops.fit_report import fit_file
+        fit_file(path, args.out, args.json, args.bootstrap, args.seed, args.exclude_highest,
+                 compare=args.compare is not None)
+        return 0
     fit_and_write(read_results(path), Path(args.out) if args.out else path.parent, args.json)
+    return 0
+
+
+def do_ladder(args, overrides, budgets, sizes) -> int:
+    """Porian et al.'s steps from Kaplan's setup to Chinchilla's (model/flops/ladder.py), runs reused."""
+    from model.flops.ladder import render_ladder, run_ladder
+    config = args.config or os.path.relpath(ROOT / PRESETS[args.preset or "default"]["config"])
+    out = Path(args.out or f"out/ladder_{args.preset or 'default'}")
+    base = make_sweep(config, overrides, args, budgets, sizes, str(out))
+    result = run_ladder(lambda o: make_sweep(config, overrides, args, budgets, sizes, str(o)),
+                        lambda sweep: run_sweep(sweep, args.jobs), out, base.train.lr, base.train.min_lr,
+                        args.bootstrap, args.seed, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(result, indent=2, allow_nan=False) if args.json else render_ladder(result) + "\nwrote "
+          + ", ".join(result["written"]))
     return 0
 
 
@@ -262,6 +294,8 @@ def run(argv: list[str]) -> int:
     budgets = parse_budgets(args.budgets) if args.budgets else list(preset["budgets"])
     check_budgets(budgets)  # before the dataset is looked for (or prepared)
     sizes = args.sizes if args.sizes is not None else preset["sizes"]
+    if args.ladder:
+        return do_ladder(args, overrides, budgets, sizes)
     if args.compare:
         if args.config:
             raise ValueError("--compare takes its two recipes instead of a base config")

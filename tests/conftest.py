@@ -36,6 +36,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def small(**kw):
+    """The small GPT config the unit tests share: 2 layers, 2 heads, 32 wide, 31 tokens, context 16, no biases
+    (the key bias's gradient is pure rounding noise, which Adam amplifies; keyword arguments override)."""
+    from model import GPTConfig
+    return GPTConfig(**{**dict(vocab_size=31, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False), **kw})
+
+
+def reference_adamw(model, lr: float, weight_decay: float, betas: tuple[float, float], **kw):
+    """The reference optimizer: torch's for-loop AdamW (neither fused nor foreach) over decay groups built here,
+    independently of GPT.optim_groups: weight decay on 2-D weights only."""
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=False, **kw)
+
+
 TINY_TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
              "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 40
 

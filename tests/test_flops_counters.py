@@ -244,3 +244,13 @@ def test_bad_shapes_raise():
                  lambda: torch_count(cfg, 1, 2, past=1, train=True), lambda: fvcore_count(cfg, 1, 2, past=3)):
         with pytest.raises(ValueError):
             call()
+
+
+def test_exact_gelu_flops_match_the_fvcore_measurement():
+    from model.flops import formulas as flops
+    from model.flops.counters import fvcore_count
+    for act in ("gelu", "gelu_tanh"):
+        cfg = GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, block_size=16, bias=False, activation=act)
+        measured = fvcore_count(cfg, 2, 16)
+        assert measured.non_matmul["gelu"] == (5 if act == "gelu" else 9) * 2 * 16 * 4 * 32 * 2  # by hand
+        assert flops.forward(cfg, 2, 16).total == measured.total

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from conftest import small
 from model import GPT, GPTConfig
 from model.gpt.gpt import sinusoidal_table
 from model.gpt.speed import Dropout, use_cpu_kernels
@@ -262,3 +263,16 @@ def test_input_errors():
         m(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
     with pytest.raises(ValueError, match="config must be a GPTConfig"):
         GPT({"n_layer": 2})
+
+
+def test_activation_choice_changes_only_the_mlp_nonlinearity():
+    x = torch.linspace(-4, 4, 101)
+    exact = GPT(small(activation="gelu")).transformer.h[0].mlp.gelu(x)
+    tanh = GPT(small()).transformer.h[0].mlp.gelu(x)
+    erf = 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))  # the definition
+    approx = 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    torch.testing.assert_close(exact, erf, atol=1e-6, rtol=0)
+    torch.testing.assert_close(tanh, approx, atol=1e-6, rtol=0)
+    assert (exact - tanh).abs().max() > 1e-4  # the two really differ
+    with pytest.raises(ValueError, match="'relu'"):
+        small(activation="relu")

@@ -4,12 +4,9 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig
-from model.training.optim import adamw, clip_and_step
-
-
-def small(**kw):
-    return GPTConfig(**{**dict(vocab_size=31, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False), **kw})
+from conftest import reference_adamw, small
+from model import GPT, TrainConfig
+from model.training.optim import adamw, clip_and_step, lr_at
 
 
 def _twin_runs(max_norm: float, fused: bool, grad_gain: float, steps: int = 4):
@@ -20,10 +17,7 @@ def _twin_runs(max_norm: float, fused: bool, grad_gain: float, steps: int = 4):
     b.load_state_dict(a.state_dict())
     opts = []
     for model in (a, b):
-        groups = [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-                  {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-        opts.append(torch.optim.AdamW(groups, lr=1e-2, betas=(0.9, 0.99), fused=fused,
-                                      foreach=False if not fused else None))
+        opts.append(reference_adamw(model, 1e-2, 0.1, (0.9, 0.99), fused=fused))
     x = torch.randint(0, 31, (3, 16))
     norms = {"reference": [], "ours": []}
     for _ in range(steps):
@@ -99,31 +93,34 @@ def test_negative_max_norm_is_an_error():
         clip_and_step(opt, -1.0)
 
 
-def _pair(seed=0):
-    torch.manual_seed(seed)
-    a, b = GPT(small()), GPT(small())
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_adamw_is_fused_over_the_models_groups_and_matches_the_for_loop_reference(device):
+    """adamw: torch's fused AdamW (one kernel over all tensors) over GPT.optim_groups, decay on 2-D weights only;
+    its updates match the for-loop reference's over groups built independently."""
+    torch.manual_seed(0)
+    a = GPT(small()).to(device)
+    b = GPT(small()).to(device)
     b.load_state_dict(a.state_dict())
-    return a, b
-
-
-def _groups(model):
-    return [{"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-
-
-def test_adamw_is_torchs_fused_adamw_over_the_models_groups():
-    """adamw is torch.optim.AdamW(fused=True) over GPT.optim_groups (decay on 2-D weights only): the same
-    updates as that optimizer built by hand, bit for bit."""
-    a, b = _pair()
-    ref = torch.optim.AdamW(_groups(a), lr=1e-2, betas=(0.9, 0.99), fused=True)
-    ours = adamw(b, 1e-2, 0.1, (0.9, 0.99), "cpu")
+    ours, ref = adamw(a, 1e-2, 0.1, (0.9, 0.99), device), reference_adamw(b, 1e-2, 0.1, (0.9, 0.99))
     assert type(ours) is torch.optim.AdamW and ours.defaults["fused"] is True
     assert [g["weight_decay"] for g in ours.param_groups] == [0.1, 0.0]
-    x = torch.randint(0, 31, (3, 16))
-    for _ in range(3):
-        for model, opt in ((a, ref), (b, ours)):
+    assert [{id(p) for p in g["params"]} for g in ours.param_groups] == \
+        [{id(p) for p in a.parameters() if p.dim() >= 2}, {id(p) for p in a.parameters() if p.dim() < 2}]
+    x = torch.randint(0, 31, (3, 16), device=device)
+    for _ in range(4):
+        for model, opt in ((a, ours), (b, ref)):
             (model(x, x)[1] * 50).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     for pa, pb in zip(a.parameters(), b.parameters()):
-        assert torch.equal(pa, pb)
+        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4)
+
+
+def test_linear_schedule_by_hand():
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=2, max_iters=12, lr_schedule="linear")
+    assert [lr_at(s, cfg) for s in range(2)] == [0.5, 1.0]
+    assert lr_at(2, cfg) == pytest.approx(1.0)
+    assert lr_at(7, cfg) == pytest.approx(0.55)  # halfway from step 2 to step 12
+    assert lr_at(12, cfg) == pytest.approx(0.1) and lr_at(50, cfg) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="'step'"):
+        TrainConfig(lr_schedule="step")

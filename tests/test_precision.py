@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import train as train_mod
+from conftest import small
 from model import GPT, GPTConfig, TrainConfig
 from model.gpt.speed import use_cpu_kernels
 from model.flops import peaks
@@ -22,10 +22,6 @@ import train_speed  # noqa: E402
 
 def precision(name):
     return matmul_precision(name, "cpu")
-
-
-def small(**kw):
-    return GPTConfig(**{**dict(vocab_size=31, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=False), **kw})
 
 
 def test_medium_precision_gradients_match_fp32_sdpa_closely():

@@ -48,20 +48,8 @@ def public(p: dict) -> dict:
 
 def read_results(path: Path) -> list[dict]:
     """The records of a results.jsonl; ValueError naming the line that is not a JSON object."""
-    if not path.is_file():
-        raise FileNotFoundError(f"results file not found: {path}")
-    out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{i}: expected a JSON object")
-        out.append(rec)
-    return out
+    from ..flops.fit_report import read_jsonl
+    return [rec for _, rec in read_jsonl(path)]
 
 
 def point_state(p: dict, out_dir: Path, records: dict[str, dict]) -> str:
