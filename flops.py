@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -32,6 +33,7 @@ from model.flops.peaks import device_peak, peak_report, resolve_peak, step_bandw
 from model.flops.planner import DEFAULT_MFU, parse_tokens, plan_run
 from model.flops.plots import plot_profile
 from model.training.recipe import load_model_config
+from model.training.threads import cpu_threads, describe as describe_threads, set_wait_policy
 
 USAGE = ("python flops.py [CONFIG.toml] [--key=value ...] [--batch-size B] [--seq-len T] [--json] "
          "[--sweep OUT_DIR] | --plan --tokens N [--device NAME | --peak-flops F] [--mfu M] | --paper NAME | "
@@ -73,7 +75,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--peak", action="store_true", help="the peak FLOP/s MFU uses on this machine, and its source")
     p.add_argument("--recalibrate", action="store_true", help="--peak: measure the CPU calibration again "
                                                               "(best of 5 trials) and replace the cached one")
-    p.add_argument("--out", metavar="PNG", help="--profile / --tools: where to write the picture")
+    p.add_argument("--threads", type=int, default=0, help="--profile: CPU threads; 0 = one per core, torch's "
+                                                            "default (default %(default)s)")
+    p.add_argument("--out", metavar="PNG", help="--profile / --tools: where to write the picture (--profile's "
+                                                   "default: out/profile_<config>.png)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     if "-h" in argv or "--help" in argv:  # the help lists the model keys with this command's values
         known, overrides = p.parse_known_args([a for a in argv if a not in ("-h", "--help")])
@@ -222,8 +227,9 @@ def render_profile(r: dict) -> str:
     def num(x, scale=1e9, fmt=",.1f"):
         return "—" if x is None else format(x / scale, fmt)
 
-    lines = [f"profile: {r['device']}, batch {r['batch_size']} x seq_len {r['seq_len']}, median of {r['steps']} "
-             f"profiled training steps (forward + backward + clip + AdamW); attention: {r['attention']}",
+    lines = [f"profile: {r['model']} on {r['device']}, batch {r['batch_size']} x seq_len {r['seq_len']}, median of {r['steps']} "
+             f"profiled training steps (forward + backward + clip + AdamW); attention: {r['attention']}; "
+             f"{r['threads']}",
              f"{'component':<17}{'FLOPs':>16}{'MB':>10}{'FLOP/B':>8}{'ms':>9}{'GFLOP/s':>9}{'GB/s':>8}{'roof':>8}"
              f"{'FLOPs %':>9}{'time %':>8}"]
     for row in r["rows"]:
@@ -253,9 +259,12 @@ def run_profile(cfg, args, seq_len: int) -> int:
         raise ValueError("--profile takes no --plan, --sweep, --tokens or --mfu")
     check_sizes(cfg, args.batch_size, seq_len)
     device = resolve_device(args.device or "auto", "--device")
-    result = profile_step(cfg, args.batch_size, seq_len, device, device_peak(device, args.peak_flops or 0.0),
-                          bandwidth=step_bandwidth(device))
-    out = Path(args.out or "flops_profile.png")
+    name = Path(args.config).stem if args.config else "GPT-2 124M" if cfg == GPTConfig() else "GPTConfig"
+    with cpu_threads(args.threads) as threads:  # the caller's count comes back afterwards
+        result = {"model": f"{name} ({cfg.n_layer} layers x {cfg.n_embd})", "threads": describe_threads(threads)}
+        result |= profile_step(cfg, args.batch_size, seq_len, device, device_peak(device, args.peak_flops or 0.0),
+                               bandwidth=step_bandwidth(device))
+    out = Path(args.out or Path("out") / f"profile_{re.sub(r'[^A-Za-z0-9.]+', '_', name)}.png")
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_profile(result, out)
     result["png"] = str(out)
@@ -293,6 +302,7 @@ def config_batch_size(path: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     argv = sys.argv[1:] if argv is None else list(argv)
+    set_wait_policy()  # before torch loads: OpenMP reads its wait policy once (model/training/threads.py)
     return report_errors("flops.py", lambda: run(*parse_args(argv), start), debug="--debug" in argv)
 
 

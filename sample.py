@@ -16,6 +16,7 @@ from pathlib import Path
 
 from model.cli import OneLineParser, UsageError, report_errors, resolve_device
 from model.config import check
+from model.training.threads import describe, set_threads, set_wait_policy
 from model.training.tokenizer import ENDOFTEXT, StreamPrinter, cut_at_eot, encode_prompt
 
 DEFAULT_OUT_DIR = Path("out/default")  # what `python train.py` writes
@@ -52,6 +53,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weights and KV cache in this precision, logits in float32; float16 on CUDA only "
                    "(default %(default)s)")
+    p.add_argument("--threads", metavar="N", type=int, default=0,
+                   help="CPU threads; 0 = one per core, torch's default (default %(default)s)")
     p.add_argument("--bpe-file", metavar="PATH", help="GPT-2 ranks file r50k_base.tiktoken, for the GPT-2 "
                    "tokenizer offline; default: tiktoken's download and cache")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -67,6 +70,7 @@ def check_args(args) -> None:
     check("--num-beams", args.num_beams, low=1)
     check("--length-penalty", args.length_penalty, float)
     check("--seed", args.seed, low=0, high=2**63 - 1)  # what torch.Generator.manual_seed accepts
+    check("--threads", args.threads, low=0)
     if args.num_beams > 1 and args.num_samples > args.num_beams:
         raise UsageError(f"--num-samples {args.num_samples} exceeds --num-beams {args.num_beams} "
                          f"(beam search returns at most one sample per beam)")
@@ -143,6 +147,9 @@ def run(args, out=None) -> None:
     ids = encode_prompt(tokenizer, text)
     eot = tokenizer.eot_token_id
     check_memory(args, model.config, len(ids), device)
+    # the start-up line, once the input is known good (a bad one gets its one error line alone)
+    print(f"sample.py: {model.num_params():,} parameters on {device}; {describe(set_threads(args.threads))}",
+          file=sys.stderr)
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eot,
@@ -174,6 +181,7 @@ def run(args, out=None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    set_wait_policy()  # before torch loads: OpenMP reads its wait policy once (model/training/threads.py)
     return report_errors("sample.py", lambda: run_args(build_parser().parse_args(argv)), debug="--debug" in argv)
 
 

@@ -29,12 +29,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from model.cli import ROOT, OneLineParser, fmt, report_errors
-from model.config import parse_overrides
-from model.flops.plots import plot_frontiers, plot_fit
-from model.flops.scaling import NAMES, Family, check_budgets, compare_lines, fit, plan, point_id, schedule
-from model.training.recipe import load_recipe
-from model.training.sweep import Sweep, point_state, public, read_results, run_sweep
+from model.training.threads import set_wait_policy
+
+set_wait_policy()  # before torch loads: OpenMP reads its wait policy once (model/training/threads.py)
+
+from model.cli import ROOT, OneLineParser, fmt, report_errors  # noqa: E402
+from model.config import parse_overrides  # noqa: E402
+from model.flops.plots import plot_frontiers, plot_fit  # noqa: E402
+from model.flops.scaling import NAMES, Family, check_budgets, compare_lines, fit, plan, point_id, schedule  # noqa: E402
+from model.training.recipe import load_recipe  # noqa: E402
+from model.training.sweep import Sweep, point_state, public, read_results, run_sweep  # noqa: E402
 
 USAGE = ("python scaling.py [BASE.toml] [--key=value ...] [--preset NAME | --budgets C1,C2,...] [--sizes K] "
          "[--out DIR] [--jobs N] [--dry-run [--json] | --print-commands | --collect] | --fit RESULTS.jsonl "
@@ -55,15 +59,19 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = OneLineParser(prog="scaling.py", usage=USAGE, allow_abbrev=False, description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", nargs="?", help="base TOML recipe (default: the preset's)")
+    presets = "; ".join(f"{name}: {','.join(f'{b:.0e}'.replace('e+0', 'e').replace('e+', 'e') for b in v['budgets'])}" for name, v in PRESETS.items())
     p.add_argument("--preset", choices=sorted(PRESETS), help="budgets, sizes and recipe (default: default)")
-    p.add_argument("--budgets", help="comma-separated FLOP budgets, e.g. 3e10,1e11,3e11")
-    p.add_argument("--sizes", type=int, help="models per budget (>= 3)")
+    p.add_argument("--budgets", help=f"comma-separated FLOP budgets, e.g. 3e10,1e11,3e11 (default: the preset's; "
+                                     f"{presets})")
+    p.add_argument("--sizes", type=int, help="models per budget, >= 3 (default: the preset's; " +
+                   "; ".join(f"{name}: {v['sizes']}" for name, v in PRESETS.items()) + ")")
     p.add_argument("--aspect", type=int, default=8, help="n_embd / n_layer of the family (default 8)")
     p.add_argument("--head-dim", type=int, default=8, help="head size of the family (default 8)")
     p.add_argument("--tokens-per-param", type=float,
                    help="first guess of the optimum that centres each ladder (default: the preset's, 200)")
     p.add_argument("--out", help="sweep folder (default: the recipe's out_dir)")
-    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, CPU threads divided among them")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel, CPU threads divided among them "
+                                                            "(default %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the plan, train nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run or --fit: one JSON object")
     p.add_argument("--print-commands", action="store_true", help="one train.py command per unfinished run")

@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
+from model.training.threads import cpu_threads, describe as describe_threads, set_wait_policy
+
+set_wait_policy()  # before torch loads: OpenMP reads its wait policy once (model/training/threads.py)
+
+import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -42,7 +46,8 @@ from model.training.metrics import plot_losses, trim_metrics, write_record
 from model.training.outputs import discard_replaced, recover, restore_replaced, set_aside
 from model.training.optim import adamw, clip_and_step, lr_at
 from model.training.recipe import keys_help, load_recipe, split_argv
-from model.training.resume import checkpoint_state, open_resume_checkpoint, restore, resume_changes
+from model.training.resume import (check_unfinished, checkpoint_state, open_resume_checkpoint, restore,
+                                   resume_changes)
 from model.training.runtime import cpu_process_settings, describe_matmul_precision, matmul_precision, resolve_dtype
 from model.training.signals import TrainingStopped, exit_code, install_signal_handlers, stop_before_training
 
@@ -126,11 +131,13 @@ def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     TrainingStopped when a signal or a non-finite loss ends it early (after saving what can be saved).
 
     Float32 matmuls run at cfg.matmul_precision for the run (on CUDA: those left outside autocast). torch keeps
-    that setting process-wide, so it is put back afterwards for callers in the same process. Rank 0 holds
-    out_dir/.lock for the whole run: a second run on the same out_dir is refused (model/training/lock.py).
+    that setting process-wide, so it is put back afterwards for callers in the same process; so is the CPU
+    thread count (cfg.threads; model/training/threads.py). Rank 0 holds out_dir/.lock for the whole run: a
+    second run on the same out_dir is refused (model/training/lock.py).
     """
     lock = OutDirLock(cfg.out_dir) if Distributed().master else nullcontext()
-    with lock, matmul_precision(cfg.matmul_precision, resolve_device(cfg.device).type):
+    with lock, matmul_precision(cfg.matmul_precision, resolve_device(cfg.device).type), \
+            cpu_threads(cfg.threads):
         for note in (getattr(lock, "note", ""), Distributed().master and recover(cfg.out_dir)):
             if note:
                 print(f"note: {note}", file=sys.stderr)
@@ -180,6 +187,7 @@ def setup(model_cfg, cfg, stop_flag: dict) -> Run:
         run.cfg, notes = resume_changes(ckpt.get("train_config", {}), run.cfg, int(ckpt["step"]))
         if dist.master and notes:
             print("\n".join(notes), file=sys.stderr)
+        check_unfinished(ckpt, run.cfg)
     stop_before_training(stop_flag)
     build_model(run)
     stop_before_training(stop_flag)
@@ -248,10 +256,10 @@ def start_outputs(run: Run) -> None:
 def announce(run: Run, plan: dict) -> None:
     """The model line and, when steps remain, the plan line: exact compute and estimated time."""
     m, precision = run.raw_model, torch.get_float32_matmul_precision()  # set by train() for this run
-    remaining = run.cfg.max_iters - run.step
     print(f"model: {m.num_params():,} parameters ({m.num_params(True):,} non-embedding); {run.dist.world} "
-          f"process(es) on {run.device}, {run.dtype}; {describe_matmul_precision(precision, run.device.type)}",
-          file=sys.stderr)
+          f"process(es) on {run.device}, {run.dtype}; {describe_matmul_precision(precision, run.device.type)}; "
+          f"{describe_threads()}", file=sys.stderr)
+    remaining = run.cfg.max_iters - run.step
     if remaining > 0:
         print(f"plan: {remaining} steps x {run.tokens_per_step:,} tokens = {plan['tokens']:,} tokens; exact "
               f"training compute {plan['flops']:.4g} FLOPs ({plan['scale']}; 6ND would say "

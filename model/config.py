@@ -7,6 +7,7 @@ error that lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import tomllib
@@ -91,7 +92,9 @@ class TrainConfig:
                                 "CUDA, AMX CPUs); auto: high on CUDA, highest on CPU",
                                 choices=MATMUL_PRECISIONS)
     seed: int = key(1337, "seed of the initialization, dropout and batch sampling", low=0, high=2**63 - 2)
-    peak_flops: float = key(0.0, "peak FLOP/s for MFU; 0 means look the GPU up or calibrate the CPU", low=0)
+    threads: int = key(0, "CPU threads; 0: one per core (torch's default)", low=0)
+    peak_flops: float = key(0.0, "peak FLOP/s for MFU; 0: the GPU's datasheet figure, or CPU cores x max clock "
+                            "x FLOPs/cycle (flops.py --peak shows it)", low=0)
     resume: bool = key(False, "continue from out_dir/last.pt")
     overwrite: bool = key(False, "replace the run out_dir holds (deleted once the new run has saved)")
     progress: bool = key(True, "show the tqdm progress bar")
@@ -251,7 +254,9 @@ def build(classes: tuple[type, ...], values: dict[str, Any], defaults: dict[str,
         types.update({k: (cls, t) for k, t in _field_types(cls).items()})
     unknown = [k for k in values if k not in types]
     if unknown:
-        raise ValueError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(sorted(types))}")
+        near = difflib.get_close_matches(unknown[0], types, n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ValueError(f"unknown config key {unknown[0]!r}; {hint}valid keys: {', '.join(sorted(types))}")
     kwargs: dict[type, dict[str, Any]] = {cls: {} for cls in classes}
     for key, value in {**(defaults or {}), **values}.items():
         cls, typ = types[key]

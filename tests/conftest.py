@@ -9,6 +9,24 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 
+def find_r50k() -> tuple[Path | None, str]:
+    """GPT-2's BPE ranks for the tests that need them: the CI's copy beside the clone, else the file in
+    tiktoken's cache that `tiktoken.get_encoding('r50k_base')` fills (looked up before any test redirects
+    TIKTOKEN_CACHE_DIR). Returns (path or None, the skip reason: where it looked, and what to do)."""
+    from model.training.tokenizer import R50K_SHA256, R50K_URL, sha256_file, tiktoken_cache_path
+    cached = tiktoken_cache_path(R50K_URL)
+    for path in (SHARED_DATA / "r50k_base.tiktoken", cached):
+        if path is not None and path.is_file() and sha256_file(path) == R50K_SHA256:
+            return path, ""
+    return None, (f"GPT-2's BPE ranks not found in {SHARED_DATA} nor in tiktoken's cache ({cached}); to run "
+                  f"this test, fill the cache once with a network: python -c \"import tiktoken; "
+                  f"tiktoken.get_encoding('r50k_base')\"")
+
+
+R50K, R50K_SKIP_REASON = find_r50k()
+needs_r50k = pytest.mark.skipif(R50K is None, reason=R50K_SKIP_REASON)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -33,9 +33,13 @@ def test_toml_file_and_override_precedence(tmp_path):
     assert t.lr == 0.5
 
 
-def test_unknown_key_lists_valid_keys(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown config key 'n_layers'; valid keys: .*n_layer"):
+def test_unknown_key_suggests_the_nearest_and_lists_valid_keys(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key 'n_layers'; did you mean 'n_layer'\? valid keys: "):
         load(None, ["--n_layers=3"])
+    with pytest.raises(ValueError, match=r"'max_iter'; did you mean 'max_iters'\?"):
+        load(None, ["--max_iter=3"])
+    with pytest.raises(ValueError, match=r"unknown config key 'zzz'; valid keys: "):  # nothing near: no guess
+        load(None, ["--zzz=3"])
     p = tmp_path / "c.toml"
     p.write_text("learning_rate = 1.0\n")
     with pytest.raises(ValueError, match="learning_rate"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import model.training.data as data
+from conftest import R50K, needs_r50k
 from model.training.data import (DEFAULT_DATASET, SHAKESPEARE_SHA256, Batches, ensure_dataset, load_meta, open_split,
                         prepare, pydoc_text, split_point, token_dtype)
 from model.training.tokenizer import (R50K_SHA256, RANKS_FILE, load_tokenizer, ranks_from_merges, sha256_file,
@@ -19,7 +20,6 @@ from model.training.tokenizer import (R50K_SHA256, RANKS_FILE, load_tokenizer, r
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-R50K = SHARED / "r50k_base.tiktoken"
 SHAKESPEARE = SHARED / "tinyshakespeare.txt"
 TEXT = "First line: naïve café — ☃\nSecond line, with 'quotes' and digits 0123456789.\n" * 40
 
@@ -127,7 +127,7 @@ def test_pydoc_default_source_is_fast_and_deterministic(tmp_path):
     assert decoded_corpus(out) == text
 
 
-@pytest.mark.skipif(not R50K.is_file(), reason=f"{R50K} not present")
+@needs_r50k
 def test_prepare_gpt2_is_self_contained(tmp_path, corpus):
     out = prepare("file", "gpt2", tmp_path / "g", input_path=corpus, bpe_file=R50K, quiet=True)
     meta = load_meta(out)

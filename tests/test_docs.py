@@ -47,3 +47,24 @@ def test_config_md_lists_every_key_with_its_help():
     for cls in (GPTConfig, TrainConfig):
         for name, f in cls.__dataclass_fields__.items():
             assert f"| `{name}` |" in doc and f.metadata["help"] in doc
+
+
+# A measured figure (a time, a rate, an MFU) lives in docs/benchmarks.md with its command, date and machine;
+# other pages point there. Any such figure another page states must be one benchmarks.md states.
+MEASURED = re.compile(r"\d[\d,.]* ?ms/step|\d[\d,.]* ?s/step|\d[\d.]* ?min wall|\d[\d.]* ?s wall|\d[\d,]* tok/s"
+                      r"|MFU \d[\d.]*%|mfu \d[\d.]*%|\d[\d.]*% MFU")
+POINTING = ["README.md", "docs/flops.md", "docs/training.md"]
+
+
+def test_the_measured_figure_pattern():
+    line = "median 80.0 ms/step, 4.2 min wall, 3,025 tok/s mfu 36.3% and MFU 43.0%; estimated at 40% MFU"
+    assert MEASURED.findall(line) == ["80.0 ms/step", "4.2 min wall", "3,025 tok/s", "mfu 36.3%", "MFU 43.0%",
+                                      "40% MFU"]
+
+
+@pytest.mark.parametrize("page", POINTING)
+def test_measured_figures_elsewhere_are_the_ones_in_benchmarks_md(page):
+    record = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    stated = set(MEASURED.findall((ROOT / page).read_text(encoding="utf-8")))
+    stated -= {"40% MFU", "MFU 40%"}  # the planner's assumed MFU, not a measurement
+    assert not {f for f in stated if f not in record}, f"{page} states figures docs/benchmarks.md does not"

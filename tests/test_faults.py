@@ -540,17 +540,19 @@ def test_a_torn_last_metrics_line_is_dropped_and_other_damage_is_named(dataset, 
     train_mod.train(model_cfg, cfg)
     path = out / "metrics.jsonl"
     good = path.read_text()
-    for torn in ('{"step": 4, "loss": 2.3', "\n", '{"step": 4, "lo'):
-        path.write_text(good + torn)
-        train_mod.train(model_cfg, replace(cfg, resume=True))
-        assert path.read_text() == good
-        assert f"{path}:{good.count(chr(10)) + 1}: dropped a torn last line" in capsys.readouterr().err
+    for i, torn in enumerate(('{"step": 4, "loss": 2.3', "\n", '{"step": 4, "lo')):
+        before = path.read_text()
+        path.write_text(before + torn)
+        train_mod.train(model_cfg, replace(cfg, resume=True, max_iters=4 + i))  # one more step each time
+        after = path.read_text()
+        assert after.startswith(before) and [json.loads(ln)["step"] for ln in after.splitlines()][-1] == 4 + i
+        assert f"{path}:{before.count(chr(10)) + 1}: dropped a torn last line" in capsys.readouterr().err
     lines = good.splitlines()
     for bad, match in (("garbage", r":2: not a JSON record"), ("{}", r":2: not a metrics record"),
                        ('{"step": "x"}', r":2: not a metrics record")):
         path.write_text("\n".join([lines[0], bad, *lines[1:]]) + "\n")
         with pytest.raises(ValueError, match=rf"^{path}{match}"):
-            train_mod.train(model_cfg, replace(cfg, resume=True))
+            train_mod.train(model_cfg, replace(cfg, resume=True, max_iters=10))
 
 
 def test_resume_names_each_change_and_keeps_the_planned_schedule(dataset, tmp_path, capsys):

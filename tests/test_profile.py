@@ -100,6 +100,18 @@ def test_cli_profile_json_schema_and_png(tmp_path, capsys):
     assert {"rows", "step_seconds", "mfu", "peak_flops", "peak_source"} <= set(out)
     assert all({"component", "flops", "seconds", "flops_per_s", "flop_share", "time_share"} <= set(r) for r in out["rows"])
     assert 0 <= out["mfu"] <= 1 and png.stat().st_size > 0
+    assert out["model"].endswith("(2 layers x 16)") and " CPU thread" in out["threads"]
+
+
+def test_cli_profile_png_goes_to_out_by_default_named_after_the_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    toml = tmp_path / "tiny.toml"
+    toml.write_text("n_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 8\nvocab_size = 23\n")
+    assert cli.main([str(toml), "--batch-size", "2", "--profile", "--device", "cpu", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("profile: tiny (1 layers x 16) on cpu") and "1 CPU thread" in out
+    assert out.rstrip().endswith("wrote out/profile_tiny.png") and (tmp_path / "out" / "profile_tiny.png").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".png"] == []  # nothing beside the config
 
 
 def test_cli_profile_bad_inputs(capsys):

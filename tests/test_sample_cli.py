@@ -9,14 +9,14 @@ import pytest
 import torch
 
 import sample as sample_mod
+from conftest import R50K as BPE_FILE
+from conftest import needs_r50k as needs_bpe
 from model import GPTConfig, TrainConfig
 from model.training.checkpoint import load_model
 from model.training.data import prepare
 from model.training.tokenizer import StreamPrinter
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-BPE_FILE = SHARED_DATA / "r50k_base.tiktoken"
 TEXT = "the cat sat on the mat. the dog sat on the log. a cat and a dog met on a mat by a log.\n" * 30
 
 
@@ -82,7 +82,10 @@ def samples(out: str) -> list[str]:
 
 def test_no_arguments_samples_the_default_checkpoint(monkeypatch, capsys, run_dir):
     code, out, err = cli(monkeypatch, capsys, run_dir)
-    assert code == 0 and len(err.splitlines()) == 1 and err.startswith("decoding: ")  # stderr: that line only
+    lines = err.splitlines()  # stderr: the start-up line, then the decoding line
+    assert code == 0 and len(lines) == 2, err
+    assert lines[0].startswith("sample.py: ") and "parameters on cpu; " in lines[0] and " CPU thread" in lines[0]
+    assert lines[1].startswith("decoding: ")
     got = samples(out)
     assert len(got) == 3  # default --num-samples 3, each "\n" + 500 characters, the last with a final newline
     assert [len(s) for s in got] == [501, 501, 502] and all(s.startswith("\n") for s in got)
@@ -225,7 +228,6 @@ def test_subprocess_exit_codes(run_dir):
 # ----------------------------------------------------------------------------------------------------
 # --hf with GPT-2's tokenizer (needs transformers and ../shared/data/r50k_base.tiktoken)
 
-needs_bpe = pytest.mark.skipif(not BPE_FILE.is_file(), reason=f"{BPE_FILE} not present")
 
 
 @pytest.fixture(scope="module")
@@ -314,3 +316,30 @@ def test_decoding_line_and_generate_stats(monkeypatch, capsys, run_dir):
     expect = sum(nbytes.decode_minimum_bytes(model.config, 2, c, "float32")["total"] for c in range(5, 10))
     assert s["tokens"] == 10 and s["bytes"] == expect
     assert s["mbu"] == 1.0  # 1 kB/s is beaten at once: the bandwidth peak is raised, MBU never above 1
+
+
+def test_samples_after_its_dataset_folder_was_rebuilt_with_another_vocabulary(monkeypatch, capsys, tmp_path):
+    """The checkpoint carries its tokenizer (meta with the BPE merges): a rebuilt folder does not matter."""
+    from model import GPT
+    from model.config import to_dict
+    from model.training.checkpoint import FORMAT, save_checkpoint
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    folder = tmp_path / "data" / "tiny_bpe"
+    prepare("file", "bpe", folder, input_path=tmp_path / "corpus.txt", vocab_size=270, quiet=True)
+    meta = json.loads((folder / "meta.json").read_text())
+    model = GPT(GPTConfig(vocab_size=meta["vocab_size"], block_size=32, n_layer=1, n_head=2, n_embd=16))
+    save_checkpoint({"format": FORMAT, "step": 0, "best_val_loss": 9.0, "model": model.state_dict(),
+                     "model_config": to_dict(model.config), "meta": meta, "dataset": str(folder)},
+                    tmp_path / "run" / "last.pt")
+    capsys.readouterr()
+    prepare("file", "bpe", folder, input_path=tmp_path / "corpus.txt", vocab_size=260)
+    said = capsys.readouterr().out
+    assert f"replaced {folder}, which was built differently" in said and "vocab 270; now" in said
+    assert "changed: vocab_size, ranks_sha256" in said
+    code, out, err = cli(monkeypatch, capsys, tmp_path, "--ckpt", str(tmp_path / "run"), "--start", "the cat",
+                         "--num-samples", "1", "--max-new-tokens", "8")
+    assert code == 0, err
+    assert out.startswith("the cat")
+    capsys.readouterr()
+    prepare("file", "bpe", folder, input_path=tmp_path / "corpus.txt", vocab_size=260)  # the same again
+    assert "replaced" not in capsys.readouterr().out

@@ -131,6 +131,9 @@ def test_fit_budget_vertex_and_d_opt_by_hand():
     assert p["n_opt"] == pytest.approx(1e5) and p["loss_opt"] == pytest.approx(2.0)
     assert p["compute"] == pytest.approx(6e12) and p["d_opt"] == pytest.approx(6e12 / (6 * 1e5))
     assert p["in_range"]
+    assert p["n_best"] == 100_000 and type(p["n_best"]) is int  # a count: "n_best": 100000 in fit.json
+    odd = [{**r, "params": 1872 * r["params"] / 1e5} for r in recs]  # 10 ** log10(1872) is 1871.9999999999993
+    assert json.dumps(fit_budget(odd, "exact")["n_best"]) == "1872"
     # exact FLOPs: 7e12 FLOPs over 1e12/N tokens -> 7·N FLOPs per token -> D_opt = 7e12 / (7·1e5)
     assert fit_budget(recs, "exact")["d_opt"] == pytest.approx(1e7)
     # non-embedding N is half: the vertex moves to 5e4 on that axis

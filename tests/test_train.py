@@ -109,6 +109,27 @@ def test_refuses_to_overwrite_and_checks_resume(dataset, tmp_path):
     train_mod.train(model_cfg, replace(cfg, overwrite=True))
 
 
+def test_resume_of_a_finished_run_says_so_and_how_to_extend_it(dataset, tmp_path):
+    model_cfg, cfg = cfgs(dataset, tmp_path / "run", max_iters=3)
+    train_mod.train(model_cfg, cfg)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(train_mod.TrainingStopped,
+                       match=r"already finished at step 3 \(max_iters=3\).*--resume --max_iters=6") as e:
+        train_mod.train(model_cfg, replace(cfg, resume=True))
+    assert e.value.code == 0  # not an error: nothing was left to do
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # nothing rewritten
+    assert train_mod.train(model_cfg, replace(cfg, resume=True, max_iters=5))["step"] == 5  # the advice works
+
+
+def test_threads_key_sets_the_count_for_the_run_and_the_start_up_line_names_it(dataset, tmp_path, capsys):
+    before = torch.get_num_threads()
+    model_cfg, cfg = cfgs(dataset, tmp_path / "run", max_iters=1, threads=1)
+    train_mod.train(model_cfg, cfg)
+    model_line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("model: "))
+    assert "; 1 CPU thread, " in model_line
+    assert torch.get_num_threads() == before  # put back for the caller
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(dataset, tmp_path, monkeypatch):
     model_cfg, cfg = cfgs(dataset, tmp_path / "run", max_iters=10, eval_interval=2)
     calls = {"n": 0}
@@ -135,7 +156,7 @@ def run_cli(*args, timeout=120):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--n_layers=2"], "unknown config key 'n_layers'; valid keys:"),
+    (["--n_layers=2"], "unknown config key 'n_layers'; did you mean 'n_layer'? valid keys:"),
     (["--lr=-1"], "lr must be a finite non-negative number, got -1.0"),
     (["--batch_size=0"], "batch_size must be a positive integer, got 0"),
     (["--n_embd=30", "--n_head=4"], "n_embd=30 is not divisible by n_head=4"),

@@ -5,6 +5,7 @@ are the vendors' dense figures (datasheets list "with sparsity" figures, marked 
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -176,24 +177,118 @@ def read_cpuinfo(path: str = "/proc/cpuinfo") -> dict:
     return info
 
 
-def _max_clock_hz() -> tuple[float, str] | None:
-    try:  # cpufreq gives the highest clock; VMs often have no cpufreq, and then the max is unknown
-        return int(open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read()) * 1e3, "cpufreq max"
-    except (OSError, ValueError):
+CPU_SYSFS = Path("/sys/devices/system/cpu")
+
+
+def cpufreq_max_hz(root: Path = CPU_SYSFS) -> float | None:
+    """The highest cpuinfo_max_freq (kHz) over the CPUs' cpufreq folders, in Hz; None where the kernel exposes
+    no cpufreq (most VMs). lscpu's "CPU max MHz" is read from these same files."""
+    best = 0.0
+    for path in root.glob("cpu[0-9]*/cpufreq/cpuinfo_max_freq"):
+        try:
+            best = max(best, int(path.read_text()) * 1e3)
+        except (OSError, ValueError):
+            continue
+    return best or None
+
+
+def lscpu_max_hz(text: str) -> float | None:
+    """ "CPU max MHz" from lscpu's output, in Hz (None where lscpu shows none)."""
+    match = re.search(r"^\s*CPU max MHz:\s*([0-9.]+)", text, flags=re.MULTILINE)
+    return float(match.group(1)) * 1e6 if match and float(match.group(1)) > 0 else None
+
+
+# x86-64 machine code of `int64 f(int64 n)`: n times 64 dependent register-register adds (1 cycle latency on
+# every x86-64 core; the loop counter runs beside the chain), so time / (64 n) is one clock cycle.
+_ADDS = 64
+_CHAIN = (bytes.fromhex("f30f1efa 4889f9 31c0 4889fa")  # endbr64; mov rcx, rdi; xor eax, eax; mov rdx, rdi
+          + bytes.fromhex("4801d0") * _ADDS + bytes.fromhex("48ffc9")  # add rax, rdx (x 64); dec rcx
+          + bytes.fromhex("0f85") + (-(3 * _ADDS + 3 + 6)).to_bytes(4, "little", signed=True)  # jnz back
+          + bytes.fromhex("c3"))  # ret
+
+
+def _add_chain():
+    """The chain above as a ctypes function (Linux x86-64 only; mapped writable, then made executable), or
+    None where that is refused or the machine is not x86-64."""
+    import ctypes
+    import platform
+    import sys
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long)
+        libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        addr = libc.mmap(None, 4096, 3, 0x22, -1, 0)  # PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        ctypes.memmove(addr, _CHAIN, len(_CHAIN))
+        if libc.mprotect(addr, 4096, 5) != 0:  # PROT_READ|PROT_EXEC
+            return None
+        return ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)(addr)
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def measured_clock_hz(loops: int = 20_000, repeats: int = 30) -> float | None:
+    """The core clock, measured: the shortest of `repeats` timed runs of loops x 64 dependent adds (about
+    1 ms each), in Hz. The shortest run is the one no other program interrupted. None off Linux x86-64."""
+    chain = _add_chain()
+    if chain is None:
+        return None
+    chain(1000)  # warm-up: page in the code, let the core leave any idle state
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        chain(loops)
+        best = min(best, time.perf_counter() - start)
+    return loops * _ADDS / best
+
+
+def max_clock_hz(info: dict | None = None, sysfs: Path = CPU_SYSFS, lscpu: str | None = None,
+                 measure=None) -> tuple[float, str] | None:
+    """(the highest clock of this CPU in Hz, its source): cpufreq's cpuinfo_max_freq, else lscpu's "CPU max
+    MHz", else the clock measured by a dependent-add loop (measured_clock_hz; `measure` replaces it in tests)
+    or /proc/cpuinfo's "cpu MHz", whichever is higher (a VM's "cpu MHz" is the nominal clock, below its
+    boost). None when none is known."""
+    hz = cpufreq_max_hz(sysfs)
+    if hz:
+        return hz, f"cpufreq cpuinfo_max_freq, {sysfs}"
+    hz = lscpu_max_hz(_lscpu_text() if lscpu is None else lscpu)
+    if hz:
+        return hz, "lscpu CPU max MHz"
+    info = read_cpuinfo() if info is None else info
+    found = []
+    measured = (measure or measured_clock_hz)()
+    if measured:
+        found.append((measured, "measured: a timed loop of dependent adds, max clock not exposed"))
+    try:
+        found.append((float(info["cpu MHz"]) * 1e6, "/proc/cpuinfo cpu MHz, max clock not exposed"))
+    except (KeyError, ValueError):
+        pass
+    return max(found) if found else None
+
+
+def _lscpu_text() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10,
+                              env={**os.environ, "LC_ALL": "C"}).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def hardware_cpu_peak(info: dict | None = None, cores: int | None = None, precision: str = "highest",
                       clock: tuple[float, str] | None = None) -> Peak | None:
-    """cores x clock x FLOPs/cycle of the widest vector FMA unit the flags name (two full-width pipes
-    assumed, as on Intel Xeon Gold/Platinum and AMD Zen 5). The clock is cpufreq's max, else /proc/cpuinfo's
-    "cpu MHz" (the current clock: in a VM the boost clock is unknown, so a run can beat it and raise it).
-    None when the flags or the clock are unknown (not Linux x86)."""
+    """cores x max clock x FLOPs/cycle of the widest vector FMA unit the flags name (two full-width pipes
+    assumed, as on Intel Xeon Gold/Platinum and AMD Zen 5): a bound no run on those cores can pass. The clock
+    and its source: max_clock_hz. None when the flags or the clock are unknown (not Linux x86)."""
     info = read_cpuinfo() if info is None else info
     flags = set(info.get("flags", "").split())
-    clock = clock or _max_clock_hz()
-    if clock is None and info.get("cpu MHz"):
-        clock = float(info["cpu MHz"]) * 1e6, "/proc/cpuinfo cpu MHz (max clock unknown)"
+    clock = clock or max_clock_hz(info)
     table = list(_FP32_PER_CYCLE)
     if precision == "medium":
         table = list(_BF16_PER_CYCLE) + table

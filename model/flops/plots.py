@@ -31,7 +31,7 @@ def save(fig, path: Path, dpi: float | None = None) -> Path:
     for ax in fig.axes:
         ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")  # "tight": legends placed beside the axes included
     pyplot().close(fig)
     return Path(path)
 
@@ -109,7 +109,7 @@ def plot_profile(result: dict, path: Path) -> Path:
     ax.set_yticks(list(y), names)
     ax.invert_yaxis()
     ax.set_xlabel("% of the training step")
-    ax.set_title(f"{result['device']}, batch {result['batch_size']} x {result['seq_len']}: step "
+    ax.set_title(f"{result.get('model', 'model')} on {result['device']}, batch {result['batch_size']} x {result['seq_len']}: step "
                  f"{result['step_seconds'] * 1e3:.1f} ms profiled, MFU {result['mfu']:.1%} of "
                  f"{result['peak_flops'] / 1e9:,.0f} GFLOP/s", fontsize=9)
     ax.legend()
@@ -151,27 +151,34 @@ def axes_style(ax, xlabel: str, ylabel: str, title: str | None = None) -> None:
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # beside the axes: it never covers a line
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
 
 
 def plot_optima(result: dict, path: Path) -> Path:
     """N_opt and D_opt against C for each convention, with the fitted power laws."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), dpi=100)
+    fig, axes = plt.subplots(2, 1, figsize=(7, 7.5), dpi=100)
+    drawn = 0
     for i, (conv, f) in enumerate(result["by_convention"].items()):
         ok = [p for p in f["per_budget"] if p["in_range"]]
+        drawn += len(ok)
         if not ok:  # no optimum inside a ladder under this convention: nothing to draw
             continue
         c = np.array([p["compute"] for p in ok])
         for ax, key, exp, coef in ((axes[0], "n_opt", "a", "a_log10_coef"), (axes[1], "d_opt", "b", "b_log10_coef")):
-            ax.plot(c, [p[key] for p in ok], "o", color=f"C{i}")
+            ax.plot(c, [p[key] for p in ok], "o", color=f"C{i}", label=f"{NAMES[conv]}: optimum of a budget")
             if f[exp] is not None:
                 ax.plot(c, 10 ** (f[coef] + f[exp] * np.log10(c)), "-", color=f"C{i}",
-                        label=f"{NAMES[conv]}: {exp} = {f[exp]:.3f}")
+                        label=f"{NAMES[conv]}: power law, {exp} = {f[exp]:.3f}")
     for ax, name in ((axes[0], "N_opt (parameters)"), (axes[1], "D_opt (tokens)")):
         ax.set_yscale("log")
         axes_style(ax, "compute C (FLOPs, by convention)", name)
+        if not drawn:
+            ax.tick_params(which="both", bottom=False, left=False, labelbottom=False, labelleft=False)
+            ax.text(0.5, 0.5, "nothing to draw: no budget's fitted optimum lies inside\nits ladder of sizes "
+                    "(see isoflop.png); widen --sizes,\nor move the ladders with --tokens-per-param",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=9)
     fig.suptitle("Compute-optimal size and tokens, three FLOP conventions")
     return save(fig, path)
 
@@ -185,20 +192,21 @@ def plot_frontiers(fits: dict[str, dict], path: Path, by_convention: bool = Fals
              else [(name, f) for name, f in fits.items()])
     for i, (name, f) in enumerate(items):
         label = NAMES.get(name, name) if by_convention else name
-        _frontier_line(ax, f["per_budget"], "loss_opt", f["frontier"], f"C{i}", "o", "-", f"{label}: L_opt")
-        _frontier_line(ax, f["per_budget"], "loss_best", f["frontier_measured"], f"C{i}", "x", "--",
-                       f"{label}: best run")
+        _frontier_line(ax, f["per_budget"], "loss_opt", f["frontier"], f"C{i}", "o", "-", label)
+        _frontier_line(ax, f["per_budget"], "loss_best", f["frontier_measured"], f"C{i}", "x", "--", label)
     axes_style(ax, "compute C (FLOPs)", "validation loss (nats/token)", "The line: compute-optimal loss vs compute")
     return save(fig, path)
 
 
-def _frontier_line(ax, per_budget, key, line, color, marker, style, label) -> None:
+def _frontier_line(ax, per_budget, key, line, color, marker, style, name) -> None:
     pts = [(p["compute"], p[key]) for p in per_budget if key == "loss_best" or p["in_range"]]
     if not pts:
         return
     c = np.array([q[0] for q in pts])
-    ax.plot(c, [q[1] for q in pts], marker, color=color, ls="none")
+    what, points = ("L_opt", "dots: fitted optimum of a budget") if key == "loss_opt" else \
+        ("best run", "crosses: best run of a budget")
+    ax.plot(c, [q[1] for q in pts], marker, color=color, ls="none", label=f"{name}: {points}")
     if line["slope"] is not None:
         x = np.linspace(np.log10(c.min()) - 0.1, np.log10(c.max()) + 0.1, 50)
         ax.plot(10 ** x, line["intercept"] + line["slope"] * x, style, color=color,
-                label=f"{label}: {line['slope']:.4f}·log10 C + {line['intercept']:.3f}")
+                label=f"{name}: {what} line, {line['slope']:.4f}·log10 C + {line['intercept']:.3f}")

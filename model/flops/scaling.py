@@ -163,7 +163,7 @@ def fit_budget(records: list[dict], convention: str) -> dict:
     best = int(np.argmin(loss))
     out = {"budget": records[0]["budget"], "compute": c_budget, "n_opt": None, "d_opt": None,
            "loss_opt": None, "in_range": False, "points": len(records),
-           "n_best": float(10.0 ** x[best]), "loss_best": float(loss[best])}
+           "n_best": round(cn[best][1]), "loss_best": float(loss[best])}  # a parameter count: an integer
     if len(set(x.tolist())) < 3:
         return out
     p2, p1, p0 = np.polyfit(x, loss, 2)

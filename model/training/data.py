@@ -8,6 +8,7 @@ model/training/tokenizer.py), the dtype and the split sizes. JSON, never pickle,
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -302,13 +303,36 @@ def prepare(source: str = "pydoc", tokenizer: str = "char", out_dir: str | Path 
         if source == "shakespeare" and (out / "input.txt").is_file():
             shutil.copyfile(out / "input.txt", tmp / "input.txt")  # the download cache moves with the folder
         write_meta(meta, tmp / "meta.json")
+        note = replacement_note(out, meta)
         publish_dataset(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not quiet:
         print(f"{source}: {len(text):,} chars -> {tokenizer} tokenizer, vocab {tok.vocab_size:,} -> {out}/\n"
               f"  train.bin {n_train:,} tokens, val.bin {len(ids) - n_train:,} tokens ({dtype}), meta.json")
+        if note:
+            print(note)
     return out
+
+
+DESCRIBING_KEYS = ("source", "input", "text_sha256", "tokenizer", "vocab_size", "ranks_sha256")
+
+
+def replacement_note(out: Path, meta: dict) -> str:
+    """A line saying what changes when the dataset at `out` was built differently from `meta` ("" when it
+    was not, or there is none): its runs cannot --resume on the new folder, their checkpoints still sample."""
+    try:
+        old = load_meta(out)
+    except (OSError, ValueError):
+        return ""
+    changed = [k for k in DESCRIBING_KEYS if old.get(k) != meta.get(k)]
+    if not changed:
+        return ""
+    def what(m: dict) -> str:
+        return f"{m.get('source')} text, {m.get('tokenizer')} tokenizer, vocab {m.get('vocab_size')}"
+    return (f"replaced {out}, which was built differently ({what(old)}; now {what(meta)}; changed: "
+            f"{', '.join(changed)}): runs trained on it cannot --resume here; their checkpoints still sample, "
+            f"they carry their tokenizer")
 
 
 def dataset_folder(out_dir: str | Path | None, stem: str, tokenizer: str) -> Path:
@@ -396,6 +420,7 @@ def ensure_dataset(dataset_dir: str | Path) -> Path:
     default = (_repo_root() / DEFAULT_DATASET).resolve()
     if path == Path(DEFAULT_DATASET) or path.resolve() == default:
         print(f"dataset {path} not found; preparing it (once)", file=sys.stderr)
-        return prepare("pydoc", "char", path)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout stays the caller's (--json output)
+            return prepare("pydoc", "char", path)
     raise FileNotFoundError(f"dataset not found: {path} (no meta.json); prepare it with "
                             f"`{prepare_command(path)}`")

@@ -10,6 +10,7 @@ from ..config import TrainConfig, to_dict
 from .checkpoint import FORMAT, FORMATS, load_checkpoint, load_weights, rng_state, set_rng_state
 from .optim import lr_at
 from .outputs import ARTEFACTS, check_artefacts
+from .signals import TrainingStopped
 
 QUIET_KEYS = ("resume", "overwrite", "progress")  # differ on most resumes and change nothing in the run
 SCHEDULE_KEYS = ("lr", "min_lr", "warmup_iters", "lr_decay_iters", "lr_schedule", "max_iters")
@@ -59,6 +60,16 @@ def restore(run, ckpt: dict) -> None:
     run.resumed_at = run.step if ckpt.get("evaluated", True) else -1
     if run.step > run.cfg.max_iters:
         raise ValueError(f"{run.last_path} is at step {run.step}, beyond max_iters={run.cfg.max_iters}")
+
+
+def check_unfinished(ckpt: dict, cfg: TrainConfig) -> None:
+    """A resume of a run that already reached max_iters (and evaluated it) has nothing to do: TrainingStopped
+    (exit code 0) saying so and how to extend it, instead of a run of 0 steps."""
+    step = int(ckpt["step"])
+    if step == cfg.max_iters and ckpt.get("evaluated", True):
+        raise TrainingStopped(f"{Path(cfg.out_dir) / 'last.pt'} already finished at step {step} "
+                              f"(max_iters={cfg.max_iters}); nothing to train. To train it longer, resume with a "
+                              f"larger max_iters: --resume --max_iters={2 * step}", 0)
 
 
 def resume_changes(old: dict, cfg: TrainConfig, step: int) -> tuple[TrainConfig, list[str]]:

@@ -20,8 +20,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from ..cli import ROOT, fmt
 from ..flops.scaling import POINT_KEYS
 from .checkpoint import atomic_write, load_checkpoint
@@ -30,6 +28,7 @@ from .evaluate import split_loss
 from .lock import OutDirLock
 
 LOCK_WAIT_S = 120.0  # how long a point's previous train.py may take to save and exit
+from .threads import child_env, describe, set_threads
 
 
 @dataclass
@@ -182,12 +181,6 @@ class Progress:
                 f"ETA {eta / 60:.1f} min; best per budget {best}")
 
 
-def child_env(threads: int) -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
-
-
 def run_sweep(sweep: Sweep, jobs: int, train_new: bool = True) -> list[dict]:
     """Record what is finished, train the rest `jobs` at a time (unless train_new is False); returns all
     records of the plan. Interrupted: children save and stop; rerun the same command to resume."""
@@ -205,8 +198,7 @@ def _run_sweep(sweep: Sweep, jobs: int, train_new: bool) -> list[dict]:
         repair_results(results, found)
     records = {r["id"]: r for r in found}
     states = {p["id"]: point_state(p, sweep.out, records) for p in sweep.points}
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    torch.set_num_threads(threads)
+    threads = set_threads(max(1, (os.cpu_count() or 1) // jobs))
     todo = [p for p in sweep.points if states[p["id"]] in ("new", "interrupted")]
     prog = Progress(len(sweep.points), 0, sum(p["flops"] for p in sweep.points))
     for p in sweep.points:
@@ -218,7 +210,7 @@ def _run_sweep(sweep: Sweep, jobs: int, train_new: bool) -> list[dict]:
             records[p["id"]] = record(sweep, p, None)
             print(prog.finished(records[p["id"]], False), file=sys.stderr)
     if todo and train_new:
-        print(f"training {len(todo)} run(s), {jobs} at a time, {threads} thread(s) each; logs in "
+        print(f"training {len(todo)} run(s), {jobs} at a time, {describe(threads)} each; logs in "
               f"{sweep.out / 'points'}/<run>/train.log", file=sys.stderr)
         _train_all(sweep, todo, states, jobs, threads, records, prog)
     return [records[p["id"]] for p in sweep.points if p["id"] in records]

@@ -299,27 +299,31 @@ def bpe_tokenizer(text: str, vocab_size: int) -> TiktokenTokenizer:
 # Rebuilding a tokenizer from meta.json.
 
 def _ranks_for(meta: dict, dataset_dir: str | Path | None, bpe_file: str | Path | None) -> dict[bytes, int]:
-    """The ranks a byte-level meta names: bpe_file, else the dataset's ranks file, else (bpe) the embedded
-    merges, else for gpt2 tiktoken's cache. Whatever is found must match meta's ranks_sha256."""
+    """The ranks a byte-level meta names: bpe_file (which must match), else (bpe) the merges the meta embeds,
+    so a checkpoint samples without its dataset, else the dataset's ranks file where its sha256 matches (a
+    folder rebuilt with another vocabulary is passed over), else for gpt2 tiktoken's cache."""
     name, sha = meta["tokenizer"], meta.get("ranks_sha256")
     if not isinstance(sha, str):
         raise ValueError(f"{name} meta lacks 'ranks_sha256'")
     if bpe_file is not None:
         return load_ranks(bpe_file, sha)
-    local = Path(dataset_dir) / meta.get("ranks_file", RANKS_FILE) if dataset_dir is not None else None
-    if local is not None and local.is_file():
-        return load_ranks(local, sha)
     if name == "bpe" and "merges" in meta:
         ranks = ranks_from_merges(meta["merges"])
         if hashlib.sha256(ranks_bytes(ranks)).hexdigest() != sha:
             raise ValueError("bpe meta: the embedded merges do not match ranks_sha256")
         return ranks
+    local = Path(dataset_dir) / meta.get("ranks_file", RANKS_FILE) if dataset_dir is not None else None
+    other = local is not None and local.is_file() and sha256_file(local) != sha
+    if local is not None and local.is_file() and not other:
+        return load_ranks(local, sha)
     if name == "gpt2" and sha == R50K_SHA256:
         cached = tiktoken_cache_path(R50K_URL)
         if cached is not None and cached.is_file():
             return load_ranks(cached, sha)
-    raise FileNotFoundError(f"{name} ranks file not found: {local if local else RANKS_FILE} "
-                            f"(pass the dataset folder that holds it, or bpe_file / --bpe-file)")
+    found = (f"{local} holds other ranks (its dataset folder was rebuilt with another tokenizer)" if other else
+             f"{local if local else RANKS_FILE} not found")
+    raise FileNotFoundError(f"{name} ranks not found: {found}; pass the ranks file the model was trained with "
+                            f"(bpe_file / --bpe-file)")
 
 
 def check_tokenizer_meta(meta: dict, where: str | Path = "meta") -> None:
