@@ -223,38 +223,9 @@ def run_peak(args) -> int:
 # ----------------------------------------------------------------------------------------------------
 # --profile
 
-def render_profile(r: dict) -> str:
-    def num(x, scale=1e9, fmt=",.1f"):
-        return "—" if x is None else format(x / scale, fmt)
-
-    lines = [f"profile: {r['model']} on {r['device']}, batch {r['batch_size']} x seq_len {r['seq_len']}, median of {r['steps']} "
-             f"profiled training steps (forward + backward + clip + AdamW); attention: {r['attention']}; "
-             f"{r['threads']}",
-             f"{'component':<17}{'FLOPs':>16}{'MB':>10}{'FLOP/B':>8}{'ms':>9}{'GFLOP/s':>9}{'GB/s':>8}{'roof':>8}"
-             f"{'FLOPs %':>9}{'time %':>8}"]
-    for row in r["rows"]:
-        lines.append(f"{row['component']:<17}{row['flops']:>16,}{num(row['bytes'], 1e6, ',.2f'):>10}"
-                     f"{num(row['intensity'], 1, '.3g'):>8}{row['seconds'] * 1e3:>9.2f}{num(row['flops_per_s']):>9}"
-                     f"{num(row['bytes_per_s']):>8}{row['roof'] or '—':>8}{row['flop_share']:>9.1%}"
-                     f"{row['time_share']:>8.1%}")
-    lines += [f"{'step':<17}{r['all_flops']:>16,}{'':>27}{r['step_seconds'] * 1e3:>9.2f}",
-              f"profiled step {r['profiled_step_seconds'] * 1e3:.2f} ms, less the timer's cost "
-              f"{r['timer_seconds'] * 1e3:.2f} ms (measured at batch 1 x 2, same ops) = {r['step_seconds'] * 1e3:.2f} "
-              f"ms = {r['overhead']:.2f}x the unprofiled step",
-              f"roof: memory or compute, the component's intensity (unfused bytes) against the ridge "
-              f"{r['peak_flops'] / r['bandwidth']:.3g} FLOP/B of {r['bandwidth'] / 1e9:,.1f} GB/s "
-              f"({r['bandwidth_source']})" if r["bandwidth"] else "roof: no bandwidth known for this device",
-              f"unprofiled step {r['unprofiled_step_seconds'] * 1e3:.2f} ms: {r['model_flops']:,} matmul FLOPs "
-              f"(the MFU count) at {r['flops_per_s'] / 1e9:,.1f} GFLOP/s = MFU {r['mfu']:.1%} of "
-              f"{r['peak_flops'] / 1e9:,.1f} GFLOP/s ({r['peak_source']})",
-              "FLOPs of non-matmul rows follow formulas.py's per-element conventions; 'other' is the step time no "
-              "component claims (residual adds, embedding, Python)"]
-    return "\n".join(lines + r["peak_messages"])
-
-
 def run_profile(cfg, args, seq_len: int) -> int:
     from model.flops.counters import check_sizes
-    from model.flops.profile import profile_step  # torch loads here: --help and usage errors come before it
+    from model.flops.profile import profile_step, render_profile  # torch loads here: after --help and usage errors
     if args.plan or args.sweep or args.tokens is not None or args.mfu is not None:
         raise ValueError("--profile takes no --plan, --sweep, --tokens or --mfu")
     check_sizes(cfg, args.batch_size, seq_len)

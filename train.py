@@ -15,9 +15,6 @@ import math  # noqa: E402
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, TextIO
 
 from model.training.threads import cpu_threads, describe as describe_threads, set_wait_policy
 
@@ -27,7 +24,6 @@ import torch  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from model import GPTConfig, TrainConfig
 from model.cli import duration, human, pop_debug, report_errors, resolve_device
 from model.config import to_dict
 from model.flops import peaks
@@ -48,83 +44,17 @@ from model.training.optim import adamw, clip_and_step, lr_at
 from model.training.recipe import keys_help, load_recipe, split_argv
 from model.training.resume import (check_unfinished, checkpoint_state, open_resume_checkpoint, restore,
                                    resume_changes)
+from model.training.run import Run, last_good, progress_mfu, recalibrate_peak
 from model.training.runtime import cpu_process_settings, describe_matmul_precision, matmul_precision, resolve_dtype
 from model.training.signals import TrainingStopped, exit_code, install_signal_handlers, stop_before_training
 
-RECALIBRATE_S = 30.0  # CPU peak: the least time between calibrations at evaluations
 USAGE = ("usage: python train.py [CONFIG.toml] [--key=value ...] [--debug]   (python train.py --help lists the keys;"
          " --debug shows tracebacks instead of one-line errors)")
 
 
 # ----------------------------------------------------------------------------------------------------
 # One run: setup (devices, checks, model, data), resume, the loop (one step at a time), evaluation and
-# checkpoints, teardown. The state they share is a Run.
-
-@dataclass
-class Run:
-    """What the steps of one training run share; the fields after `meta` are filled in by setup()."""
-
-    model_cfg: GPTConfig
-    cfg: TrainConfig
-    dist: Distributed
-    device: torch.device
-    dtype: str
-    meta: dict
-    autocast: Any = None
-    raw_model: GPT | None = None
-    model: Any = None  # what a training step calls: raw_model, compiled and/or wrapped in DDP
-    eval_model: Any = None  # never the DDP wrapper: evaluation needs no gradient sync
-    optimizer: Any = None
-    train_batches: Batches | None = None
-    eval_loaders: dict[str, Batches] = field(default_factory=dict)
-    step: int = 0
-    best_val: float = float("inf")
-    resumed_at: int = -1  # the step resumed from when its evaluation is in the checkpoint already
-    saved_step: int | None = None  # the step of the last.pt on disk: the last good checkpoint
-    replaced: list[str] = field(default_factory=list)  # the old run's files, set aside until the first save
-    stop_flag: dict = field(default_factory=dict)  # {"signal": name} once SIGINT/SIGTERM arrived
-    peak: Any = None  # a peaks.Peak for all ranks together: value, source, raised by any faster reading
-    calibrated_at: float = 0.0
-    bandwidth: Any = None  # a peaks.Peak in B/s for MBU, all ranks together (None: an unknown GPU's)
-    bytes_per_step: int = 0  # minimum bytes of one optimizer step, all ranks together (model/flops/bytes.py)
-    metrics: TextIO | None = None
-    bar: Any = None
-    last_losses: dict[str, float] = field(default_factory=dict)
-    step_times: list[float] = field(default_factory=list)
-    tokens_per_step: int = 0
-    flops_per_step: int = 0  # exact training FLOPs of one optimizer step, all ranks together
-    start_step: int = 0
-    started: float = 0.0
-
-    @property
-    def out_dir(self) -> Path:
-        return Path(self.cfg.out_dir)
-
-    @property
-    def last_path(self) -> Path:
-        return self.out_dir / "last.pt"
-
-    @property
-    def best_path(self) -> Path:
-        return self.out_dir / "best.pt"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.out_dir / "metrics.jsonl"
-
-    @property
-    def local_accum(self) -> int:
-        return self.cfg.grad_accum // self.dist.world
-
-    @property
-    def my_micro(self) -> range:
-        """The global indices of the micro-batches this rank computes."""
-        return range(self.dist.rank * self.local_accum, (self.dist.rank + 1) * self.local_accum)
-
-    @property
-    def peak_total(self) -> float:
-        return self.peak.flops
-
+# checkpoints, teardown. The state they share is a Run (model/training/run.py).
 
 def train(model_cfg, cfg, *, stop_flag: dict | None = None) -> dict:
     """Run training; returns a summary dict. Raises ValueError/FileNotFoundError for bad setups and
@@ -344,31 +274,11 @@ def abandon_step(run: Run, start: tuple) -> None:
                           exit_code(name))
 
 
-def progress_mfu(run: Run, seconds: float, bandwidth: bool = False) -> float | None:
-    """MFU of a step that took `seconds`, against the peak of all ranks (the progress line and step records):
-    never above 1, since a faster step raises the peak, and rank 0 says so. bandwidth=True: MBU, the minimum
-    bytes against the bandwidth peak (None where the GPU's bandwidth is unknown)."""
-    peak = run.bandwidth if bandwidth else run.peak
-    if peak is None:
-        return None
-    mfu = peak.mfu((run.bytes_per_step if bandwidth else run.flops_per_step) / seconds)
-    while peak.messages:
-        message = peak.messages.pop(0)
-        if run.dist.master:
-            (run.bar.write if run.bar is not None else print)(message, file=sys.stderr)
-    return mfu
-
-
 def check_finite(run: Run, loss: float) -> None:
     """A non-finite loss ends the run (exit code 1), naming the last good checkpoint."""
     if not math.isfinite(loss):
         raise TrainingStopped(f"loss is {loss} at step {run.step}; stopping. Last good checkpoint: "
                               f"{last_good(run)}", 1)
-
-
-def last_good(run: Run) -> str:
-    """The last.pt this run saved or resumed from (saves refuse non-finite states, so it is finite)."""
-    return f"{run.last_path} (step {run.saved_step})" if run.saved_step is not None else "none"
 
 
 def check_stop(run: Run, stop_flag: dict) -> None:
@@ -402,15 +312,6 @@ def evaluate_and_checkpoint(run: Run) -> None:
                       file=sys.stderr)  # stdout stays clean
         save_checkpoints(run, new_best=losses["val"] < run.best_val)
     recalibrate_peak(run)
-
-
-def recalibrate_peak(run: Run) -> None:
-    """On a CPU without a given peak: measure it again, at most every RECALIBRATE_S, and keep the highest
-    reading; one busy moment at start-up would otherwise read it low for the whole run (MFU over 100%)."""
-    if run.device.type == "cpu" and not run.cfg.peak_flops and \
-            time.perf_counter() - run.calibrated_at >= RECALIBRATE_S:
-        run.peak.raise_to(peaks.measure_cpu_peak() * run.dist.world)  # a faster reading proves the peak low
-        run.calibrated_at = time.perf_counter()
 
 
 def save_checkpoints(run: Run, new_best: bool = False, evaluated: bool = True) -> None:

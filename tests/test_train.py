@@ -75,7 +75,8 @@ def test_cpu_peak_is_measured_again_at_evaluations_and_the_highest_reading_kept(
     monkeypatch.setattr(peaks, "hardware_cpu_peak", lambda precision="highest": peaks.Peak(1e9, "a low start-up figure"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no calibration cached from earlier runs
     monkeypatch.setattr(peaks, "measure_cpu_peak", lambda: next(readings))
-    monkeypatch.setattr(train_mod, "RECALIBRATE_S", 0.0)
+    import model.training.run as run_mod
+    monkeypatch.setattr(run_mod, "RECALIBRATE_S", 0.0)
     model_cfg, cfg = cfgs(dataset, tmp_path / "run", peak_flops=0.0)
     summary = train_mod.train(model_cfg, cfg)  # evaluations at steps 0, 3, 6: three new readings
     assert summary["peak_flops"] == 5e11

@@ -1,6 +1,6 @@
 """Resuming a run from out_dir/last.pt: which checkpoint a run may open (or must refuse to overwrite), the state
 a checkpoint holds (checkpoint_state) and its restore, and what a resume with a changed config does to the run.
-`run` below is train.py's Run: the state the steps of one run share."""
+`run` below is a Run (model/training/run.py): the state the steps of one run share."""
 from __future__ import annotations
 
 from dataclasses import replace
