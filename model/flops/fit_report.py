@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -49,23 +50,33 @@ def load_points(path) -> dict:
 
 
 def read_jsonl(path: Path, text: str | None = None) -> list[tuple[int, dict]]:
-    """(line number, record) for each JSON object of a JSON-lines file; ValueError naming a line that is not
-    a JSON object, FileNotFoundError for a missing file."""
+    """(line number, record) for each JSON object of a JSON-lines file, as scaling.py's sweeps read it: a torn
+    last line (a crash while writing it) and a second record of a run id are dropped with a note on stderr;
+    ValueError naming any other bad line, FileNotFoundError for a missing file."""
     path = Path(path)
     if text is None:
         if not path.is_file():
             raise FileNotFoundError(f"results file not found: {path}")
         text = path.read_text(encoding="utf-8")
-    out = []
-    for i, line in enumerate(text.splitlines(), 1):
+    lines = text.rstrip().splitlines()
+    out, seen = [], {}
+    for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
+            if i == len(lines):
+                print(f"note: {path}:{i}: dropped a torn last line (a crash while writing it)", file=sys.stderr)
+                break
             raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{i}: expected a JSON object")
+        if isinstance(rec.get("id"), str) and rec["id"] in seen:
+            print(f"note: {path}:{i}: dropped a second record of run {rec['id']} (first on line "
+                  f"{seen[rec['id']]})", file=sys.stderr)
+            continue
+        seen[rec.get("id")] = i
         out.append((i, rec))
     return out
 
