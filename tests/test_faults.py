@@ -907,8 +907,8 @@ def test_a_metrics_record_without_its_loss_is_refused_on_resume(dataset, tmp_pat
         capsys.readouterr()
         # a longer max_iters: resuming a finished run trains nothing and reads no metrics
         assert train_mod.main(cli_args(dataset, out, resume=True, max_iters=5, eval_interval=3)) == 2
-        line = capsys.readouterr().err.splitlines()[-1]  # after resume's lines on the changed max_iters
-        assert line.startswith("train.py: error: ")
+        *notes, line = capsys.readouterr().err.splitlines()  # resume's lines on the changed max_iters, the error
+        assert all(n.startswith("resume: ") for n in notes) and line.startswith("train.py: error: ")
         assert f"{out / 'metrics.jsonl'}:{i + 1}: " in line and f"'{key}'" in line
 
 
