@@ -59,6 +59,20 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
+def param_count(cfg: GPTConfig) -> int:
+    """All parameters, the tied head counted once, in closed form (any size, nothing allocated). Equals
+    GPT(cfg).num_params(); model.flops.formulas calls it params_total.
+
+    wte V·d, wpe block·d (learned positions only), per layer: ln_1/ln_2 weights 2d, c_attn 3d², attn.c_proj
+    d², c_fc 4d², mlp.c_proj 4d², with bias 11d more (ln 2d, c_attn 3d, c_proj d, c_fc 4d, c_proj d);
+    ln_f d (+d with bias); lm_head 0 (it is wte).
+    """
+    d, b = cfg.n_embd, int(cfg.bias)
+    wpe = cfg.block_size * d if cfg.pos_encoding == "learned" else 0
+    per_layer = 12 * d * d + 2 * d + 11 * d * b
+    return cfg.vocab_size * d + wpe + cfg.n_layer * per_layer + d + d * b
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything about a training run that is not the model's shape."""

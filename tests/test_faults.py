@@ -303,10 +303,15 @@ def test_out_dir_must_name_a_folder(tmp_path):
 @pytest.mark.parametrize("cfg", [TINY, GPTConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16,
                                                 bias=False, pos_encoding="sinusoidal")])
 def test_param_count_matches_the_built_model(cfg):
-    """The weights' estimate that GPT.from_pretrained checks (model/gpt/memory.py): the model's own count."""
-    assert memory.param_count(cfg) == GPT(cfg).num_params()
-    huge = replace(cfg, n_embd=10**9, n_head=1)  # tensors over 2^63 bytes: the lower bound instead
-    assert memory.param_count(huge) == 12 * huge.n_layer * 10**18 + huge.vocab_size * 10**9
+    """The weights' estimate that GPT.from_pretrained checks (model/gpt/memory.py): the closed form equals the
+    model's own count, and sizes no tensor could hold are counted exactly, without allocating."""
+    from model.config import param_count
+    assert param_count(cfg) == GPT(cfg).num_params()
+    assert memory.weights_bytes(cfg) == {"parameters": 4 * GPT(cfg).num_params()}
+    huge = replace(cfg, n_embd=10**9, n_head=1)  # tensors over 2^63 bytes
+    wpe = huge.block_size * 10**9 if huge.pos_encoding == "learned" else 0
+    per_layer = 12 * 10**18 + 2 * 10**9 + 11 * 10**9 * int(huge.bias)
+    assert param_count(huge) == huge.vocab_size * 10**9 + wpe + huge.n_layer * per_layer + 10**9 * (1 + int(huge.bias))
 
 
 def test_training_estimate_by_hand_and_refusal_names_the_figures(monkeypatch):

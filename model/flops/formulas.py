@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..config import GPTConfig, check
+from ..config import param_count as params_total  # noqa: F401 (the closed form, used here and by model.gpt.memory)
 
 MATMUL_COMPONENTS = ("qkv", "attn_scores", "attn_values", "attn_proj", "mlp_up", "mlp_down", "lm_head")
 
@@ -89,19 +90,6 @@ ZERO = Count({name: 0 for name in MATMUL_COMPONENTS})
 
 # ----------------------------------------------------------------------------------------------------
 # Parameter counts
-
-def params_total(cfg: GPTConfig) -> int:
-    """All parameters, the tied head counted once. Equals GPT(cfg).num_params().
-
-    wte V·d, wpe block·d (learned positions only), per layer: ln_1/ln_2 weights 2d, c_attn 3d², attn.c_proj
-    d², c_fc 4d², mlp.c_proj 4d², with bias 11d more (ln 2d, c_attn 3d, c_proj d, c_fc 4d, c_proj d);
-    ln_f d (+d with bias); lm_head 0 (it is wte).
-    """
-    d, b = cfg.n_embd, int(cfg.bias)
-    wpe = cfg.block_size * d if cfg.pos_encoding == "learned" else 0
-    per_layer = 12 * d * d + 2 * d + 11 * d * b
-    return cfg.vocab_size * d + wpe + cfg.n_layer * per_layer + d + d * b
-
 
 def params_non_embedding(cfg: GPTConfig) -> int:
     """Kaplan et al. 2020's N: all parameters except the token embedding (= tied head) and learned positions.

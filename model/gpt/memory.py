@@ -7,13 +7,11 @@ model/training/memory.py adds what training and sampling need on top.
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..config import GPTConfig
-from .gpt import GPT
+from ..config import GPTConfig, param_count
 
 FLOAT32 = 4
 CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
@@ -21,22 +19,6 @@ CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/
 
 class InsufficientMemoryError(ValueError):
     """A config needs more memory than the machine has."""
-
-
-def param_count(cfg: GPTConfig) -> int:
-    """Parameters of GPT(cfg), without allocating them and in constant time for any n_layer: the GPT with
-    one block built on the meta device (which allocates nothing), the block's count times n_layer. A size
-    whose tensors torch cannot even describe (over 2^63 bytes) gets the lower bound 12·n_layer·n_embd^2 +
-    vocab_size·n_embd (attention 4C^2, MLP 8C^2 per block, the embedding), enough to refuse it."""
-    try:
-        with torch.device("meta"):
-            one = GPT(replace(cfg, n_layer=1))
-    except RuntimeError as e:
-        if "overflow" not in str(e):
-            raise
-        return 12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.vocab_size * cfg.n_embd
-    per_block = sum(p.numel() for p in one.transformer.h[0].parameters())
-    return one.num_params() + (cfg.n_layer - 1) * per_block
 
 
 def weights_bytes(cfg: GPTConfig, itemsize: int = FLOAT32) -> dict[str, int]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from ..config import GPTConfig
 from ..gpt.memory import (FLOAT32, InsufficientMemoryError, check_fits, gib, machine_memory,  # noqa: F401
-                          param_count, weights_bytes)
+                          weights_bytes)
 
 INT64 = 8
 
