@@ -75,8 +75,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--peak", action="store_true", help="the peak FLOP/s MFU uses on this machine, and its source")
     p.add_argument("--recalibrate", action="store_true", help="--peak: measure the CPU calibration again "
                                                               "(best of 5 trials) and replace the cached one")
-    p.add_argument("--threads", type=int, default=0, help="--profile: CPU threads; 0 = one per core, torch's "
-                                                            "default (default %(default)s)")
+    p.add_argument("--threads", type=int, default=0, help="--profile: CPU threads; 0 = one per core less those "
+                                                            "other programs keep busy (default %(default)s)")
     p.add_argument("--out", metavar="PNG", help="--profile / --tools: where to write the picture (--profile's "
                                                    "default: out/profile_<config>.png)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")

@@ -54,7 +54,7 @@ def build_parser() -> OneLineParser:
                    help="weights and KV cache in this precision, logits in float32; float16 on CUDA only "
                    "(default %(default)s)")
     p.add_argument("--threads", metavar="N", type=int, default=0,
-                   help="CPU threads; 0 = one per core, torch's default (default %(default)s)")
+                   help="CPU threads; 0 = one per core less those other programs keep busy (default %(default)s)")
     p.add_argument("--bpe-file", metavar="PATH", help="GPT-2 ranks file r50k_base.tiktoken, for the GPT-2 "
                    "tokenizer offline; default: tiktoken's download and cache")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")

@@ -16,7 +16,7 @@ import sys
 import time
 from contextlib import nullcontext
 
-from model.training.threads import cpu_threads, describe as describe_threads, set_wait_policy
+from model.training.threads import cpu_threads, describe as describe_threads, governor, set_wait_policy
 
 set_wait_policy()  # before torch loads: OpenMP reads its wait policy once (model/training/threads.py)
 
@@ -126,6 +126,7 @@ def setup(model_cfg, cfg, stop_flag: dict) -> Run:
     run.peak = peaks.device_peak(device, cfg.peak_flops).scaled(dist.world)
     run.calibrated_at = time.perf_counter()
     run.bandwidth = peaks.step_bandwidth(device, dist.world)
+    run.threads = governor() if device.type == "cpu" else None  # None when the count is pinned
     return run
 
 
@@ -215,7 +216,20 @@ def loop(run: Run, stop_flag: dict) -> None:
             run.bar.set_postfix_str(f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
                                     f"{record['tokens_per_s']:,.0f} tok/s mfu {record['mfu']:.1%}", refresh=False)
             run.bar.update(1)
+        if run.threads:
+            follow_load(run)
         check_stop(run, stop_flag)
+
+
+def follow_load(run: Run) -> None:
+    """A new CPU thread count when other programs' load has moved (model/training/threads.py), said in one
+    line; the peaks behind MFU and MBU then count the cores in use."""
+    line = run.threads.check()
+    if line:
+        run.peak = peaks.device_peak(run.device, run.cfg.peak_flops).scaled(run.dist.world)
+        run.bandwidth = peaks.step_bandwidth(run.device, run.dist.world)
+        if run.dist.master:
+            run.bar.write(f"step {run.step}: {line}", file=sys.stderr)
 
 
 def due_for_eval(run: Run) -> bool:

@@ -1,19 +1,26 @@
-"""CPU threads on an idle and on a busy machine: the programs' default against one thread and two threads.
+"""CPU threads on an idle and on a busy machine: the programs' own choice against fixed settings.
 
-    python bench/threads.py                   # training steps and sampling, 5 repeats (a few minutes)
-    python bench/threads.py --repeats 9 --workloads train
+    python bench/threads.py                       # training and sampling, 3 repeats (about 10 minutes)
+    python bench/threads.py --repeats 5 --workloads train
 
-Variants, each a process of its own that stays up for the whole run:
-  default      what train.py and sample.py do: torch's thread count (one per core), OMP_WAIT_POLICY=PASSIVE
-               set before torch loads (model/training/threads.py)
-  1 thread     --threads=1
-  2 threads    two threads with OpenMP's default wait (idle threads spin before they sleep)
-States: idle (nothing of this script's competes) and busy (a CPU-bound `python -c "while True: pass"`, the
-way a browser keeps a laptop's core busy). Each repeat runs one block of every variant in both states, in a
-rotating order; a block is --steps training steps of the default run's model (configs/default.toml: 4 x 128,
-block 128, batch 16) or one sampling call (3 samples of --new-tokens tokens, sample.py's top-k and
-temperature). Printed: the median ms per block of each variant and, per repeat, default / best of the three
-in the same repeat and state, with their median.
+Each block is a fresh process of the real program, as a user runs it:
+  train   python train.py --max_iters=S --eval_interval=1000 --progress=false (the default run's model and
+          data, configs/default.toml): the median ms per step of its metrics.jsonl, the first WARM steps left
+          out
+  sample  python sample.py --ckpt=<the first training block's run> --max-new-tokens=N: the whole process's
+          wall time, start-up included (what a user waits for)
+Variants:
+  default            no setting: the program reads the load and chooses (model/training/threads.py)
+  1 thread           --threads=1
+  2 spinning         --threads=2, GOMP_SPINCOUNT=300000 (libgomp's spin when no wait policy is set: what
+                     torch does when nobody chooses)
+  2 sleeping         --threads=2, OMP_WAIT_POLICY=PASSIVE
+States: idle (nothing of this script's competes); busy (a CPU-bound `python -c "while True: pass"` from
+before the program starts, the way a browser keeps a laptop's core busy); and, for training, arriving (the
+same competitor starts ARRIVE_S seconds into 3x as many training steps, timed over the last third: the
+default's governor must notice; '2 spinning' is left out there, its seconds per step show in the busy state).
+Each repeat runs every variant once per state in a rotating order. Printed: the median of each variant and,
+per state, the default's time over the best fixed setting's, median over repeats.
 """
 from __future__ import annotations
 
@@ -23,140 +30,135 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-VARIANTS = {"default": (0, None), "1 thread": (1, None), "2 threads": (2, "spin")}
-WORKLOADS = ("train", "sample")
+KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+VARIANTS = {"default": ([], {}), "1 thread": (["--threads=1"], {}),
+            "2 spinning": (["--threads=2"], {"GOMP_SPINCOUNT": "300000"}),
+            "2 sleeping": (["--threads=2"], {"OMP_WAIT_POLICY": "PASSIVE"})}
+WARM = 3  # steps left out of a training block's median
+ARRIVE_S = 3.0
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="threads.py", description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=5, help="blocks per variant and state (default 5)")
-    p.add_argument("--steps", type=int, default=5, help="training steps per block (default 5)")
-    p.add_argument("--new-tokens", type=int, default=100, help="tokens per sample in a block (default 100)")
+    p.add_argument("--repeats", type=int, default=3, help="blocks per variant and state (default 3)")
+    p.add_argument("--steps", type=int, default=30, help="training steps per block (default 30; 12 for "
+                                                         "'2 spinning' beside a busy core, where a step takes seconds)")
+    p.add_argument("--new-tokens", type=int, default=200, help="tokens per sample, 3 samples (default 200)")
     p.add_argument("--workloads", default="train,sample", help="train, sample or both (default train,sample)")
-    p.add_argument("--child", nargs=2, metavar=("WORKLOAD", "THREADS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.workloads = args.workloads.split(",")
-    if any(w not in WORKLOADS for w in args.workloads) or min(args.repeats, args.steps, args.new_tokens) < 1:
-        p.error("--workloads takes train and/or sample; --repeats, --steps, --new-tokens must be >= 1")
+    if any(w not in ("train", "sample") for w in args.workloads) or min(args.repeats, args.new_tokens) < 1 \
+            or args.steps <= WARM + 2:
+        p.error(f"--workloads takes train and/or sample; --repeats, --new-tokens >= 1; --steps > {WARM + 2}")
     return args
 
 
-# ---- a variant's process: reads a block size per line, answers with its milliseconds
-
-def child(workload: str, threads: int, steps: int, new_tokens: int) -> None:
-    from model.training.threads import set_wait_policy
-    if os.environ.get("BENCH_WAIT") != "spin":
-        set_wait_policy()
-    import torch
-
-    from model import GPT, GPTConfig
-    from model.training.optim import adamw, clip_and_step
-    from model.training.threads import set_threads
-    set_threads(threads)
-    cfg = GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=96, dropout=0.0)
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    g = torch.Generator().manual_seed(0)
-    if workload == "train":
-        opt = adamw(model, 2e-3, 0.1, (0.9, 0.99), "cpu")
-
-        def block():
-            for _ in range(steps):
-                x = torch.randint(0, cfg.vocab_size, (16, cfg.block_size), generator=g)  # (B, T)
-                _, loss = model(x, torch.roll(x, -1, 1))
-                loss.backward()
-                clip_and_step(opt, 1.0)
-                opt.zero_grad(set_to_none=True)
-                loss.item()
-    else:
-        model.eval()
-        idx = torch.zeros((3, 1), dtype=torch.long)  # (3, 1): three samples from one token
-
-        def block():
-            model.generate(idx, new_tokens, temperature=0.8, top_k=200, generator=g)
-    block()  # warm-up
-    print(json.dumps({"threads": torch.get_num_threads()}), flush=True)
-    for _ in sys.stdin:
-        start = time.perf_counter()
-        block()
-        print(json.dumps({"ms": (time.perf_counter() - start) * 1e3}), flush=True)
+def hog() -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
 
 
-# ---- the parent
-
-def start(workload: str, threads: int, wait: str | None, args) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
-    if wait:
-        env["BENCH_WAIT"] = wait
-    proc = subprocess.Popen([sys.executable, __file__, "--child", workload, str(threads), "--steps", str(args.steps),
-                             "--new-tokens", str(args.new_tokens)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=env, cwd=ROOT)
-    json.loads(proc.stdout.readline())  # warmed up
-    return proc
+def env_of(extra: dict) -> dict:
+    return {**{k: v for k, v in os.environ.items() if k not in KEYS}, **extra}
 
 
-def timed(proc: subprocess.Popen) -> float:
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
-    return json.loads(proc.stdout.readline())["ms"]
-
-
-def measure(workload: str, args) -> dict:
-    """{state: {variant: [ms per block]}} over args.repeats rotations."""
-    procs = {name: start(workload, threads, wait, args) for name, (threads, wait) in VARIANTS.items()}
-    times = {state: {name: [] for name in procs} for state in ("idle", "busy")}
+def train_block(variant: str, state: str, steps: int, out: Path) -> tuple[float, str]:
+    """(median ms per step, the thread lines the run printed)."""
+    args, extra = VARIANTS[variant]
+    if state == "busy" and variant == "2 spinning":
+        steps = WARM + 9
+    elif state == "arriving":  # long enough for the competitor to come and the governor to answer
+        steps *= 3
+    cmd = [sys.executable, "train.py", f"--max_iters={steps}", "--eval_interval=1000", "--progress=false",
+           f"--out_dir={out}", "--overwrite=true", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env_of(extra), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True)
+    competitor = None
     try:
-        for r in range(args.repeats):
-            order = list(procs)[r % len(procs):] + list(procs)[:r % len(procs)]
-            for state in ("idle", "busy"):
-                hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if state == "busy" else None
-                try:
-                    if hog:
-                        time.sleep(0.5)  # let it settle on a core
-                    for name in order:
-                        times[state][name].append(timed(procs[name]))
-                finally:
-                    if hog:
-                        hog.kill()
-                        hog.wait()
-            print(f"  repeat {r + 1}/{args.repeats}: load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if state == "arriving" and line.startswith("step 0:") and competitor is None:
+                time.sleep(ARRIVE_S)
+                competitor = hog()
+        if proc.wait():
+            raise SystemExit(f"train.py failed:\n{''.join(lines[-5:])}")
     finally:
-        for proc in procs.values():
-            proc.stdin.close()
-            proc.wait()
+        if competitor:
+            competitor.kill()
+            competitor.wait()
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    dts = [r["dt_ms"] for r in records if "dt_ms" in r][WARM:]
+    if state == "arriving":  # the steps after the competitor came and the governor's answer: the last third
+        dts = dts[-len(dts) // 3:]
+    said = "; ".join(ln.split(": ", 1)[1].strip() for ln in lines if "CPU thread" in ln and ln.startswith("step "))
+    return statistics.median(dts), said
+
+
+def sample_block(variant: str, ckpt: Path, new_tokens: int) -> tuple[float, str]:
+    args, extra = VARIANTS[variant]
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "sample.py", f"--ckpt={ckpt}", f"--max-new-tokens={new_tokens}", *args],
+                   cwd=ROOT, env=env_of(extra), check=True, capture_output=True)
+    return (time.perf_counter() - start) * 1e3, ""
+
+
+def measure(workload: str, args, tmp: Path) -> dict:
+    """{state: {variant: [ms]}}, and the lines the default printed when it changed its count."""
+    states = ("idle", "busy", "arriving") if workload == "train" else ("idle", "busy")
+    times = {s: {v: [] for v in VARIANTS} for s in states}
+    for r in range(args.repeats):
+        order = list(VARIANTS)[r % len(VARIANTS):] + list(VARIANTS)[:r % len(VARIANTS)]
+        for state in states:
+            competitor = hog() if state == "busy" else None
+            try:
+                time.sleep(0.5 if competitor else 0)  # let it settle on a core
+                for variant in order:
+                    if state == "arriving" and variant == "2 spinning":
+                        continue  # seconds per step once the competitor comes: see the busy state
+                    if workload == "train":
+                        ms, said = train_block(variant, state, args.steps, tmp / "run")
+                    else:
+                        ms, said = sample_block(variant, tmp / "run", args.new_tokens)
+                    times[state][variant].append(ms)
+                    if said and variant == "default":
+                        print(f"  {state}, default: {said}", file=sys.stderr)
+            finally:
+                if competitor:
+                    competitor.kill()
+                    competitor.wait()
+        print(f"  {workload}: repeat {r + 1}/{args.repeats} done", file=sys.stderr)
     return times
 
 
 def report(workload: str, times: dict, args) -> None:
-    unit = f"{args.steps} training steps" if workload == "train" else f"3 samples x {args.new_tokens} tokens"
-    print(f"\n{workload}: ms per block of {unit}, median of {args.repeats} repeats")
-    print(f"  {'state':6} " + " ".join(f"{n:>11}" for n in VARIANTS) + "   default / best of the three (per repeat)")
+    unit = "ms per training step" if workload == "train" else \
+        f"ms per `python sample.py` (3 samples x {args.new_tokens} tokens, start-up included)"
+    print(f"\n{workload}: {unit}, median of {args.repeats} repeats")
+    print(f"  {'state':9} " + " ".join(f"{n:>11}" for n in VARIANTS) + "   default / best fixed setting")
     for state, by_variant in times.items():
-        medians = [statistics.median(v) for v in by_variant.values()]
-        ratios = [by_variant["default"][i] / min(v[i] for v in by_variant.values()) for i in range(args.repeats)]
-        print(f"  {state:6} " + " ".join(f"{m:11.1f}" for m in medians) +
-              f"   median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}x)")
-        others = {n: statistics.median([by_variant[n][i] / by_variant["default"][i] for i in range(args.repeats)])
-                  for n in by_variant if n != "default"}
-        print(f"  {'':6} time / default's: " + ", ".join(f"{n} {r:.2f}x" for n, r in others.items()))
+        medians = [statistics.median(v) if v else float("nan") for v in by_variant.values()]
+        ratios = [by_variant["default"][i] / min(v[i] for n, v in by_variant.items() if n != "default" and v)
+                  for i in range(args.repeats)]
+        print(f"  {state:9} " + " ".join(f"{m:11.1f}" for m in medians) +
+              f"   {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f}x)")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.child:
-        child(args.child[0], int(args.child[1]), args.steps, args.new_tokens)
-        return 0
-    import torch
-    print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at the start; "
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    for workload in args.workloads:
-        report(workload, measure(workload, args), args)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if "sample" in args.workloads and "train" not in args.workloads:
+            train_block("default", "idle", WARM + 3, tmp / "run")  # a checkpoint to sample from
+        for workload in ("train", "sample"):
+            if workload in args.workloads:
+                report(workload, measure(workload, args, tmp), args)
     return 0
 
 

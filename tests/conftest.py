@@ -1,9 +1,13 @@
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+# a fixed thread count, whatever else the machine runs: runs repeat bit for bit (the count chosen from the
+# load is tested in test_threads.py)
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))

@@ -127,8 +127,21 @@ def test_threads_key_sets_the_count_for_the_run_and_the_start_up_line_names_it(d
     model_cfg, cfg = cfgs(dataset, tmp_path / "run", max_iters=1, threads=1)
     train_mod.train(model_cfg, cfg)
     model_line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("model: "))
-    assert "; 1 CPU thread, " in model_line
+    assert "; 1 CPU thread (--threads), " in model_line
     assert torch.get_num_threads() == before  # put back for the caller
+
+
+def test_a_new_thread_count_mid_run_is_said_in_one_line(dataset, tmp_path, capsys, monkeypatch):
+    class Governor:  # what model/training/threads.ThreadGovernor does when the load moves at step 2
+        def check(self):
+            calls.append(torch.get_num_threads())
+            return "2 -> 1 CPU threads (other programs use 1.0 of 2 CPUs)" if len(calls) == 2 else None
+    calls = []
+    monkeypatch.setattr(train_mod, "governor", Governor)
+    model_cfg, cfg = cfgs(dataset, tmp_path / "run", max_iters=3)
+    train_mod.train(model_cfg, cfg)
+    assert len(calls) == 3  # once per step
+    assert "step 2: 2 -> 1 CPU threads (other programs use 1.0 of 2 CPUs)" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(dataset, tmp_path, monkeypatch):

@@ -51,6 +51,7 @@ class Run:
     bar: Any = None
     last_losses: dict[str, float] = field(default_factory=dict)
     step_times: list[float] = field(default_factory=list)
+    threads: Any = None  # a ThreadGovernor while the CPU thread count follows the load (training/threads.py)
     tokens_per_step: int = 0
     flops_per_step: int = 0  # exact training FLOPs of one optimizer step, all ranks together
     start_step: int = 0

@@ -28,7 +28,7 @@ from .evaluate import split_loss
 from .lock import OutDirLock
 
 LOCK_WAIT_S = 120.0  # how long a point's previous train.py may take to save and exit
-from .threads import child_env, describe, set_threads
+from .threads import child_env, describe_children, set_threads
 
 
 @dataclass
@@ -198,7 +198,8 @@ def _run_sweep(sweep: Sweep, jobs: int, train_new: bool) -> list[dict]:
         repair_results(results, found)
     records = {r["id"]: r for r in found}
     states = {p["id"]: point_state(p, sweep.out, records) for p in sweep.points}
-    threads = set_threads(max(1, (os.cpu_count() or 1) // jobs))
+    free = set_threads(0)  # one per CPU less those other programs keep busy (model/training/threads.py)
+    threads = set_threads(max(1, free // jobs))
     todo = [p for p in sweep.points if states[p["id"]] in ("new", "interrupted")]
     prog = Progress(len(sweep.points), 0, sum(p["flops"] for p in sweep.points))
     for p in sweep.points:
@@ -210,7 +211,7 @@ def _run_sweep(sweep: Sweep, jobs: int, train_new: bool) -> list[dict]:
             records[p["id"]] = record(sweep, p, None)
             print(prog.finished(records[p["id"]], False), file=sys.stderr)
     if todo and train_new:
-        print(f"training {len(todo)} run(s), {jobs} at a time, {describe(threads)} each; logs in "
+        print(f"training {len(todo)} run(s), {jobs} at a time, {describe_children(threads, free)} each; logs in "
               f"{sweep.out / 'points'}/<run>/train.log", file=sys.stderr)
         _train_all(sweep, todo, states, jobs, threads, records, prog)
     return [records[p["id"]] for p in sweep.points if p["id"] in records]
