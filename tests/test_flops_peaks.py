@@ -1,4 +1,5 @@
 """MFU peaks (model/flops/peaks.py): GPU table lookup, the hardware CPU peak, the cached calibration, Peak."""
+import json
 import math
 
 import pytest
@@ -194,6 +195,15 @@ def test_measured_clock_is_a_plausible_clock():
         pytest.skip("the dependent-add loop runs on Linux x86-64 only")
     # 0.5-7 GHz; other programs can only slow the loop (the best of 30 runs is kept), never speed it up
     assert 0.5e9 < hz < 7e9
+
+
+def test_the_measured_clock_is_the_highest_this_cpu_has_shown(tmp_path):
+    path = tmp_path / "cpu_peak.json"
+    assert peaks.remembered_clock_hz(2.6e9, path) == 2.6e9
+    assert peaks.remembered_clock_hz(2.4e9, path) == 2.6e9  # measured beside busy cores: the max stays
+    assert peaks.remembered_clock_hz(2.8e9, path) == 2.8e9
+    assert next(iter(json.loads(path.read_text()).values()))["hz"] == 2.8e9
+    assert peaks.remembered_clock_hz(None, path) is None
 
 
 def test_calibration_is_best_of_trials_cached_per_machine_and_recalibrated(tmp_path, monkeypatch):
