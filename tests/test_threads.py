@@ -149,7 +149,7 @@ def test_each_program_sets_the_policy_before_torch_loads(program, args):
     the top), the others in main(), which a bad argument ends early; torch must not be loaded before the
     policy is set."""
     code = (f"import sys, os; sys.argv = ['{program}.py']; import model.training.threads as t; "
-            f"t.current_load = lambda: 1.0; import {program}; "
+            f"t.current_load = lambda **kw: 1.0; import {program}; "
             f"early = 'torch' in sys.modules and os.environ.get('OMP_WAIT_POLICY') is None; "
             f"code = {program}.main({args!r}) if {args!r} is not None else 0; "
             f"print(os.environ.get('OMP_WAIT_POLICY'), early, code)")

@@ -10,9 +10,10 @@ sleeping ones beside a busy core (docs/performance.md, `bench/threads.py`). No f
 states, so the programs look at the machine before they choose:
 
 - before torch loads (OpenMP reads its wait policy once), the load other programs put on this process's CPUs
-  over WINDOW_S seconds: /proc/stat's busy time less this process's own CPU time. Under half a CPU: idle
-  threads spin (OpenMP's default); more: they sleep (OMP_WAIT_POLICY=PASSIVE);
-- the thread count: one per core (torch's default) less the CPUs other programs keep busy, at least one;
+  over POLICY_WINDOW_S seconds: /proc/stat's busy time less this process's own CPU time. Under half a CPU:
+  idle threads spin (OpenMP's default); more: they sleep (OMP_WAIT_POLICY=PASSIVE);
+- the thread count, from the same reading over the time torch took to load (at least WINDOW_S): one per core
+  (torch's default) less the CPUs other programs keep busy, at least one;
 - while training, the same reading every GOVERN_S seconds moves the count when two readings in a row call
   for another one (ThreadGovernor), and the run says so in one line.
 
@@ -33,7 +34,8 @@ WAIT_ENV = "OMP_WAIT_POLICY"
 COUNT_ENV = "OMP_NUM_THREADS"  # a count set in the environment is pinned, like --threads
 USER_KEYS = (WAIT_ENV, "GOMP_SPINCOUNT", "KMP_BLOCKTIME")  # a user's own OpenMP wait setting wins
 PROC_STAT = "/proc/stat"
-WINDOW_S = 0.2  # the start-up reading
+POLICY_WINDOW_S = 0.05  # the reading before torch loads: a wrong guess near the threshold costs little
+WINDOW_S = 0.2  # the reading behind the count, usually the time torch took to load
 GOVERN_S = 2.0  # the readings while training
 IDLE_BELOW = 0.5  # CPUs used by other programs under which the machine counts as idle
 # whether set_wait_policy chose the policy; the last load sample; why the count is what it is
@@ -74,15 +76,15 @@ def others_load(a: tuple, b: tuple) -> float:
     return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / wall) if wall > 0 else 0.0
 
 
-def current_load(sample=read_sample, sleep=time.sleep) -> float | None:
-    """Other programs' load since the last sample when that is WINDOW_S to 10 s old, else over a fresh
-    WINDOW_S; None when unknown."""
+def current_load(sample=read_sample, sleep=time.sleep, window: float = WINDOW_S) -> float | None:
+    """Other programs' load since the last sample when that is `window` to 10 s old, else over a fresh
+    `window`; None when unknown."""
     last, now = _state["sample"], sample()
     if now is None:
         return None
-    if last is None or not WINDOW_S <= now[0] - last[0] <= 10:
+    if last is None or not window <= now[0] - last[0] <= 10:
         last = now
-        sleep(WINDOW_S)
+        sleep(window)
         now = sample()
     _state["sample"] = now
     return others_load(last, now)
@@ -104,7 +106,7 @@ def set_wait_policy(environ=None, modules=None, load=None) -> bool:
     modules = sys.modules if modules is None else modules
     if "torch" in modules or any(k in environ for k in USER_KEYS):
         return False
-    others = (load or current_load)()
+    others = load() if load else current_load(window=POLICY_WINDOW_S)
     if others is not None and others < IDLE_BELOW:
         return False
     environ[WAIT_ENV] = "PASSIVE"
