@@ -234,8 +234,9 @@ def _bench_batches(model, model_bf16, args, bandwidth, peaks) -> None:
                   f"{peaks[dtype].mfu(flops / sec):>8.2%}")
     for dtype in (torch.float32, torch.bfloat16):
         turn = decode_compute_bound_batch(cfg, T + n, dtype, peaks[dtype].rate, bandwidth.rate)
-        print(f"decode steps at context {T + n} turn compute-bound from batch {turn} "
-              f"({str(dtype).removeprefix('torch.')}, this run's peaks)")
+        where = f"turn compute-bound from batch {turn}" if turn else \
+            "stay memory-bound at every batch (each row's KV cache keeps the intensity below the ridge)"
+        print(f"decode steps at context {T + n} {where} ({str(dtype).removeprefix('torch.')}, this run's peaks)")
 
 
 def _cpu_name() -> str:
