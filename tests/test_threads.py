@@ -22,6 +22,7 @@ def test_busy_time_counts_this_processs_cpus_and_skips_idle_and_iowait():
     assert threads.busy_seconds(STAT, {0}, 100) == 5.35
     assert threads.busy_seconds(STAT, {0, 1}, 100) == 12.35
     assert threads.busy_seconds(STAT, {1}, 50) == 14.0  # the "cpu" total line never counts
+    assert threads.busy_seconds("cpu0 400 0 100 2500\n", {0}, 100) == 5.0  # an old kernel's four fields
 
 
 def test_other_programs_load_is_the_busy_time_less_this_processs_own():

@@ -55,7 +55,8 @@ def busy_seconds(stat_text: str, cpus: set[int], tick: int) -> float:
     for line in stat_text.splitlines():
         name, *fields = line.split()
         if name[:3] == "cpu" and name[3:].isdigit() and int(name[3:]) in cpus:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+            counts = [int(f) for f in fields[:8]] + [0] * (8 - len(fields[:8]))  # old kernels list fewer
+            user, nice, system, _idle, _iowait, irq, softirq, steal = counts
             total += user + nice + system + irq + softirq + steal
     return total / tick
 
@@ -211,7 +212,8 @@ def describe(threads: int | None = None, why: str | None = None, policy: str | N
 
 def describe_children(threads: int, free: int) -> str:
     """The phrase for child runs started with child_env, `free` CPUs shared among them."""
-    policy = wait_policy() if any(k in os.environ for k in USER_KEYS) else "idle threads sleep (OMP_WAIT_POLICY=PASSIVE)"
+    given = any(k in os.environ for k in USER_KEYS)
+    policy = wait_policy() if given else "idle threads sleep (OMP_WAIT_POLICY=PASSIVE)"
     return describe(threads, f"{free} free CPU{'s' if free != 1 else ''} shared", policy)
 
 
