@@ -106,7 +106,8 @@ class TrainConfig:
                                 "CUDA, AMX CPUs); auto: high on CUDA, highest on CPU",
                                 choices=MATMUL_PRECISIONS)
     seed: int = key(1337, "seed of the initialization, dropout and batch sampling", low=0, high=2**63 - 2)
-    threads: int = key(0, "CPU threads; 0: from the load, one per core less those other programs keep busy, adjusted while training", low=0)
+    threads: int = key(0, "CPU threads; 0: from the load, one per core less those other programs keep busy, "
+                          "adjusted while training", low=0)
     peak_flops: float = key(0.0, "peak FLOP/s for MFU; 0: the GPU's datasheet figure, or CPU cores x max clock "
                             "x FLOPs/cycle (flops.py --peak shows it)", low=0)
     resume: bool = key(False, "continue from out_dir/last.pt")

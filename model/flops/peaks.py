@@ -315,7 +315,8 @@ def hardware_cpu_peak(info: dict | None = None, cores: int | None = None, precis
     if flag.startswith("avx512") and info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25":
         per_cycle, what = per_cycle // 2, what + ", double-pumped on Zen 4"
     cores = cores or _cores_used()
-    return Peak(cores * clock[0] * per_cycle, f"CPU hardware: {cores} core{'s' if cores != 1 else ''} x {clock[0] / 1e9:.3f} GHz "
+    plural = "s" if cores != 1 else ""
+    return Peak(cores * clock[0] * per_cycle, f"CPU hardware: {cores} core{plural} x {clock[0] / 1e9:.3f} GHz "
                                               f"({clock[1]}) x {per_cycle} FLOPs/cycle ({what})")
 
 

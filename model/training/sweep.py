@@ -211,8 +211,8 @@ def _run_sweep(sweep: Sweep, jobs: int, train_new: bool) -> list[dict]:
             records[p["id"]] = record(sweep, p, None)
             print(prog.finished(records[p["id"]], False), file=sys.stderr)
     if todo and train_new:
-        print(f"training {len(todo)} run(s), {jobs} at a time, {describe_children(threads, free)} each; logs in "
-              f"{sweep.out / 'points'}/<run>/train.log", file=sys.stderr)
+        print(f"training {len(todo)} run(s), {jobs} at a time, {describe_children(threads, free)} each; "
+              f"logs in {sweep.out / 'points'}/<run>/train.log", file=sys.stderr)
         _train_all(sweep, todo, states, jobs, threads, records, prog)
     return [records[p["id"]] for p in sweep.points if p["id"] in records]
 

@@ -4,8 +4,8 @@ torch runs its CPU kernels on OpenMP threads, one per core by default, and every
 its slowest thread ends. Between regions libgomp's idle threads spin (busy-wait, up to 300,000 iterations)
 before they sleep. On an idle machine that spin is part of why two threads are fast; with another program on
 a core, the spinning threads take the time slices that program, and the straggling thread every region waits
-for, need: steps of the default run took ten times longer with two threads than with one. Sleeping at once
-(OMP_WAIT_POLICY=PASSIVE) avoids the collapse but costs 10-15% on an idle machine, and one thread beats two
+for, need: a step with two threads can take many times one thread's. Sleeping at once
+(OMP_WAIT_POLICY=PASSIVE) avoids the collapse but can cost time on an idle machine, and one thread beats two
 sleeping ones beside a busy core (docs/performance.md, `bench/threads.py`). No fixed setting is best in both
 states, so the programs look at the machine before they choose:
 
@@ -207,7 +207,8 @@ def describe(threads: int | None = None, why: str | None = None, policy: str | N
         import torch
         threads = torch.get_num_threads()
     why = _state["why"] if why is None else why
-    return f"{threads} CPU thread{'s' if threads != 1 else ''}{f' ({why})' if why else ''}, {policy or wait_policy()}"
+    plural = "s" if threads != 1 else ""
+    return f"{threads} CPU thread{plural}{f' ({why})' if why else ''}, {policy or wait_policy()}"
 
 
 def describe_children(threads: int, free: int) -> str:
