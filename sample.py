@@ -53,6 +53,10 @@ def build_parser() -> OneLineParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="weights and KV cache in this precision, logits in float32; float16 on CUDA only "
                    "(default %(default)s)")
+    p.add_argument("--kernels", default="torch", choices=("torch", "avx512"),
+                   help="matrix kernels of the decoding steps: torch's, or flopgpt's AVX-512 ones for x86 CPUs, "
+                   "nearer the memory bandwidth in bfloat16 and with beams (built on first use, about a minute "
+                   "once; docs/sampling.md) (default %(default)s)")
     p.add_argument("--threads", metavar="N", type=int, default=0,
                    help="CPU threads; 0 = one per core less those other programs keep busy (default %(default)s)")
     p.add_argument("--bpe-file", metavar="PATH", help="GPT-2 ranks file r50k_base.tiktoken, for the GPT-2 "
@@ -141,8 +145,10 @@ def run(args, out=None) -> None:
     out = sys.stdout if out is None else out
     device = resolve_device(args.device, "--device")
     model, tokenizer = load(args, device)
-    from model.gpt.decode import resolve_dtype
-    model.to(resolve_dtype(args.dtype, device, "--dtype"))  # half the bytes per token in bf16 (docs/sampling.md)
+    from model.gpt.decode import check_kernels, resolve_dtype
+    dtype = resolve_dtype(args.dtype, device, "--dtype")
+    model.to(dtype)  # half the bytes per token in bf16 (docs/sampling.md)
+    check_kernels(args.kernels, dtype, device)  # before the start-up line: a refusal is one line
     text = prompt_text(args, tokenizer)
     ids = encode_prompt(tokenizer, text)
     eot = tokenizer.eot_token_id
@@ -153,7 +159,7 @@ def run(args, out=None) -> None:
     idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_token_id=eot,
-                    generator=generator)
+                    generator=generator, kernels=args.kernels)
     runs = []  # one stats dict per generate call, for the decoding line at the end
     if args.stream:
         for i in range(args.num_samples):
@@ -168,7 +174,7 @@ def run(args, out=None) -> None:
     if args.num_beams > 1:
         seqs, _ = model.beam_search(idx, args.max_new_tokens, num_beams=args.num_beams,
                                     length_penalty=args.length_penalty, eos_token_id=eot,
-                                    num_return_sequences=args.num_samples)
+                                    num_return_sequences=args.num_samples, kernels=args.kernels)
     else:
         runs.append({})
         seqs = model.generate(idx.expand(args.num_samples, -1), args.max_new_tokens, stats=runs[-1], **sampling)

@@ -6,7 +6,9 @@
 Teacher-forced: one sequence of --tokens + 1 token ids (uniformly random, seeded) runs through the model in
 fp32 and through a bf16 copy (weights, activations and KV cache in bf16: the function `dtype="bfloat16"`
 decodes with; logits compared in fp32); at each of the --tokens positions the greedy (argmax) tokens are
-compared, and the logits' largest absolute difference and the fp32 logits' spread are reported.
+compared, and the logits' largest absolute difference and the fp32 logits' spread are reported. Where
+kernels="avx512" runs (model/gpt/cpu_gemv.py), a second line does the same for bf16 decoding steps through those
+kernels: one token per step through the KV cache, as generate runs them.
 """
 from __future__ import annotations
 
@@ -44,16 +46,37 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         ref = model(idx)[0][0]  # (n, V) fp32
         low = bf16(idx)[0][0].float()  # (n, V)
-    agree = (ref.argmax(-1) == low.argmax(-1)).float().mean().item()
-    diff = (ref - low).abs().max().item()
     top2 = ref.topk(2, dim=-1).values  # (n, 2)
     gap = (top2[:, 0] - top2[:, 1]).median().item()
     print(f"{cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, "
           f"{'weights from ' + (args.ckpt or args.hf) if (args.ckpt or args.hf) else 'random weights'}; "
-          f"{n} positions, teacher-forced")
-    print(f"greedy tokens equal to fp32's: {agree:.1%}; largest |logit difference| {diff:.4f} "
-          f"(fp32 logits: std {ref.std().item():.3f}, median top-1 - top-2 gap {gap:.4f})")
+          f"{n} positions, teacher-forced (fp32 logits: std {ref.std().item():.3f}, median top-1 - top-2 gap "
+          f"{gap:.4f})")
+    report("bf16 forward", ref, low)
+    from model.gpt.cpu_gemv import unavailable
+    reason = unavailable(torch.bfloat16)
+    if reason is None:
+        report("bf16 decoding steps, kernels='avx512'", ref, stepped(model, idx, torch.bfloat16, "avx512"))
+    else:
+        print(f"bf16 decoding steps, kernels='avx512': skipped, {reason}")
     return 0
+
+
+def stepped(model, idx, dtype, kernels):
+    """(n, V) float32 logits of decoding idx (1, n) one token per step through the KV cache."""
+    import torch
+
+    from model.gpt.decode import Decoder
+    dec = Decoder(model, dtype, kernels)
+    cache = dec.new_cache(1, idx.size(1))
+    with torch.inference_mode():
+        return torch.cat([dec(idx[:, t:t + 1], cache) for t in range(idx.size(1))])  # (n, V)
+
+
+def report(name, ref, low) -> None:
+    agree = (ref.argmax(-1) == low.argmax(-1)).float().mean().item()
+    diff = (ref - low).abs().max().item()
+    print(f"{name}: greedy tokens equal to fp32's: {agree:.1%}; largest |logit difference| {diff:.4f}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Each variant multiplies one input (1 or 4 rows) by every weight matrix of GPT-2 
 768x2304, 768x768, 768x3072 and 3072x768, then the 50257x768 lm_head: 124M weights, far more than the
 caches hold), one matrix after another, as a decoding step does. Printed: the best time of --repeats passes,
 the weight bytes over that time, and that over the STREAM bandwidth measured in the same run
-(model/flops/peaks.py), for the kernels model/gpt/decode.py uses and the ones it does not.
+(model/flops/peaks.py), for the kernels model/gpt/decode.py uses (torch's, and with kernels="avx512" those of
+model/gpt/cpu_gemv.py, built on first use) and the ones it does not.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from model.flops.peaks import measure_cpu_bandwidth  # noqa: E402
+from model.gpt import cpu_gemv  # noqa: E402
 
 SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]  # (out, in)
 VARIANTS = {  # name: (dtype, rows, weight layout, the call)
@@ -29,6 +31,13 @@ VARIANTS = {  # name: (dtype, rows, weight layout, the call)
     "bf16, 1 row, addmv (decode.py)": (torch.bfloat16, 1, "", lambda x, w, b: torch.addmv(b, w, x.view(-1))),
     "bf16, 1 row, F.linear": (torch.bfloat16, 1, "", lambda x, w, b: F.linear(x, w, b)),
     "bf16, 1 row, addmm on W^T": (torch.bfloat16, 1, "t", lambda x, w, b: torch.addmm(b, x, w)),
+    "bf16, 4 rows, F.linear (decode.py)": (torch.bfloat16, 4, "", lambda x, w, b: F.linear(x, w, b)),
+}
+AVX512 = {  # kernels="avx512" (model/gpt/cpu_gemv.py), where it runs
+    "fp32, 1 row, avx512 kernel": (torch.float32, 1, "", lambda x, w, b: cpu_gemv.linear(x, w, b)),
+    "fp32, 4 rows, avx512 kernel": (torch.float32, 4, "", lambda x, w, b: cpu_gemv.linear(x, w, b)),
+    "bf16, 1 row, avx512 kernel": (torch.bfloat16, 1, "", lambda x, w, b: cpu_gemv.linear(x, w, b)),
+    "bf16, 4 rows, avx512 kernel": (torch.bfloat16, 4, "", lambda x, w, b: cpu_gemv.linear(x, w, b)),
 }
 
 
@@ -65,7 +74,14 @@ def main(argv=None) -> int:
     bandwidth = measure_cpu_bandwidth()  # best of 3 copies and triads
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}; STREAM bandwidth {bandwidth / 1e9:.1f} GB/s "
           f"(this run)")
-    for name, (dtype, rows, layout, call) in VARIANTS.items():
+    variants = dict(VARIANTS)
+    for name, spec in AVX512.items():
+        reason = cpu_gemv.unavailable(spec[0])
+        if reason is None:
+            variants[name] = spec
+        else:
+            print(f"  {name}: skipped, {reason}")
+    for name, (dtype, rows, layout, call) in variants.items():
         sec, nbytes = timed(dtype, rows, layout, call, args.repeats)
         print(f"  {name:42} {nbytes / 1e6:5.0f} MB  {sec * 1e3:6.1f} ms  {nbytes / sec / 1e9:5.1f} GB/s  "
               f"{nbytes / sec / bandwidth:6.1%} of STREAM")

@@ -7,7 +7,8 @@
 Random weights (speed does not depend on their values); transformers' GPT2LMHeadModel is built from the same
 tensors. Rows: greedy, beam search (4 beams) and sampling (temperature 0.8, top-k 40, top-p 0.9, one seeded
 generator), each at batch 1, --new-tokens after a --prompt-len prompt, no EOS. Paths: flopgpt's fast decoding
-path in fp32 and in bf16 (model cast once), flopgpt's reference path (generate(fast=False): the model's own
+path in fp32 and in bf16 (model cast once), each with torch's kernels and with kernels='avx512' (where it runs;
+model/gpt/cpu_gemv.py, built on first use), flopgpt's reference path (generate(fast=False): the model's own
 forward), transformers' generate (eager), and with --hf-static transformers with its static cache and
 torch.compile. Every timed call is a whole generate call; entries alternate, median of --repeats after one
 warm-up call each, so a load change on a shared machine hits every entry alike.
@@ -47,6 +48,9 @@ def parse_args(argv):
                    help="also time transformers with cache_implementation='static' and a compiled forward")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (also when it is not installed)")
     p.add_argument("--no-reference", action="store_true", help="skip flopgpt's reference path (fast=False)")
+    p.add_argument("--no-avx512", dest="avx512", action="store_false",
+                   help="skip the fast path with kernels='avx512' (model/gpt/cpu_gemv.py; skipped anyway where "
+                   "it cannot run)")
     args = p.parse_args(argv)
     for name in ("new_tokens", "prompt_len", "repeats", "beams", "batch_tokens"):
         if getattr(args, name) < 1:
@@ -157,16 +161,19 @@ def _bench_model(name: str, cfg, args, bandwidth, peaks) -> None:
 def _paths(mode: str, model, model_bf16, hfs, prompt, n: int, args) -> dict:
     """name -> (callable, dtype) for one row."""
     import torch
+
+    from model.gpt.cpu_gemv import unavailable
     hf, hf_static = hfs
     beams = args.beams if mode == "beam" else 1
     opts = dict(temperature=0.8, top_k=40, top_p=0.9)
 
-    def ours(m, fast=True):
+    def ours(m, fast=True, kernels="torch"):
         if mode == "beam":
-            return lambda: m.beam_search(prompt, n, num_beams=beams, fast=fast)[0]
+            return lambda: m.beam_search(prompt, n, num_beams=beams, fast=fast, kernels=kernels)[0]
         if mode == "greedy":
-            return lambda: m.generate(prompt, n, temperature=0, fast=fast)
-        return lambda: m.generate(prompt, n, generator=torch.Generator().manual_seed(7), fast=fast, **opts)
+            return lambda: m.generate(prompt, n, temperature=0, fast=fast, kernels=kernels)
+        return lambda: m.generate(prompt, n, generator=torch.Generator().manual_seed(7), fast=fast,
+                                  kernels=kernels, **opts)
 
     def theirs(m, **extra):
         kw = dict(do_sample=False, num_beams=beams) if mode != "sample" else dict(do_sample=True, **opts)
@@ -180,11 +187,18 @@ def _paths(mode: str, model, model_bf16, hfs, prompt, n: int, args) -> dict:
     if not args.no_reference:
         paths["flopgpt reference fp32 (fast=False)"] = (ours(model, fast=False), torch.float32)
     paths["flopgpt fast bf16"] = (ours(model_bf16), torch.bfloat16)
+    for m, dtype in ((model, torch.float32), (model_bf16, torch.bfloat16)):
+        if args.avx512 and unavailable(dtype) is None:
+            paths[f"flopgpt fast {_short(dtype)} avx512"] = (ours(m, kernels="avx512"), dtype)
     if hf is not None:
         paths["transformers eager fp32"] = (theirs(hf), torch.float32)
     if hf_static is not None:
         paths["transformers static+compile fp32"] = (theirs(hf_static, cache_implementation="static"), torch.float32)
     return paths
+
+
+def _short(dtype) -> str:
+    return {"torch.float32": "fp32", "torch.bfloat16": "bf16"}[str(dtype)]
 
 
 def _bench_mode(mode, model, model_bf16, hfs, prompt, n, args, bandwidth, peaks) -> None:

@@ -6,6 +6,7 @@ import torch
 from torch.nn import functional as F
 
 from model import GPT, GPTConfig
+from model.gpt.kv_cache import _copy_order
 
 
 def tiny_gpt(seed=0, vocab=41, block=32, pos="learned", attention="sdpa"):
@@ -184,13 +185,15 @@ def test_kv_cache_reorder_gathers_the_filled_positions():
         model(torch.tensor([[1, 2, 3], [4, 5, 6]]), kv_cache=cache)
     cache.reorder(torch.tensor([0, 0, 1, 1]))  # prompts -> beams (batch grows)
     k0 = cache.k[:, :, :, :3].clone()
-    for index in ([1, 0, 3, 2], [2, 2, 0, 1], [3, 1, 1, 3]):  # permutations with repeats, twice through the swap
+    # chains copied in place ([0, 0, 1, 2], [3, 1, 1, 3]), cycles through the spare pair ([1, 0, 3, 2], and the
+    # 0 <-> 2 trade of [2, 2, 0, 1]), and no move at all
+    for index in ([0, 0, 1, 2], [1, 0, 3, 2], [2, 2, 0, 1], [3, 1, 1, 3], [0, 1, 2, 3]):
         expect_k = k0[:, index]
         cache.reorder(torch.tensor(index))
         assert torch.equal(cache.k[:, :, :, :3], expect_k)
         k0 = expect_k
     # the cache still extends correctly: next-token logits equal a full forward of each reordered row
-    rows = torch.tensor([[1, 2, 3], [4, 5, 6]])[[0, 0, 1, 1]][[1, 0, 3, 2]][[2, 2, 0, 1]][[3, 1, 1, 3]]
+    rows = torch.tensor([[1, 2, 3], [4, 5, 6]])[[0, 0, 1, 1]][[0, 0, 1, 2]][[1, 0, 3, 2]][[2, 2, 0, 1]][[3, 1, 1, 3]]
     nxt = torch.tensor([[7], [8], [9], [10]])
     with torch.no_grad():
         a = model(nxt, kv_cache=cache)[0][:, -1]
@@ -205,6 +208,18 @@ def test_cuda_cached_equals_uncached():
     a = model.beam_search(idx, 20, num_beams=3, num_return_sequences=3, eos_token_id=7)
     b = model.beam_search(idx, 20, num_beams=3, num_return_sequences=3, eos_token_id=7, use_cache=False)
     assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("moves,ok", [({}, True), ({1: 0, 2: 1, 3: 2}, True), ({0: 3, 2: 1}, True),
+                                      ({0: 1, 1: 0}, False), ({0: 2, 1: 2, 2: 0, 3: 1}, False)])
+def test_copy_order_reads_every_row_before_overwriting_it(moves, ok):
+    order = _copy_order(moves)
+    assert (order is not None) == ok
+    if ok:
+        rows = list(range(4))
+        for dst in order:
+            rows[dst] = rows[moves[dst]]
+        assert rows == [moves.get(d, d) for d in range(4)]
 
 
 def test_kv_cache_reorder_under_autograd_keeps_working():

@@ -7,6 +7,7 @@ import torch
 
 from conftest import ROOT, small
 from model import GPT
+from model.gpt import cpu_gemv
 
 sys.path.insert(0, str(ROOT / "bench"))
 import profile_step  # noqa: E402
@@ -85,3 +86,27 @@ def test_the_nanogpt_style_baseline_computes_flopgpts_function():
     ref_loss.backward()
     for name, p in base.named_parameters():
         torch.testing.assert_close(ours.get_parameter(our_name[name]).grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sample_speed_runs_every_path_and_reports_tokens_per_second():
+    out = subprocess.run([sys.executable, "bench/sample_speed.py", "--model=default", "--repeats=1", "--new-tokens=4",
+                          "--modes=greedy,beam", "--no-hf", "--threads=1"], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("greedy", "beam"))]
+    paths = {" ".join(r[1:-6] if r[0] == "greedy" else r[2:-6]) for r in rows}
+    expected = {"flopgpt fast fp32", "flopgpt reference fp32 (fast=False)", "flopgpt fast bf16"}
+    if cpu_gemv.unavailable(torch.bfloat16) is None:
+        expected |= {"flopgpt fast fp32 avx512", "flopgpt fast bf16 avx512"}
+    assert paths == expected
+    assert all(float(r[-6].replace(",", "")) > 0 for r in rows)  # tokens/s
+
+
+def test_decode_precision_reports_agreement_for_each_bf16_path():
+    out = subprocess.run([sys.executable, "bench/decode_precision.py", "--tokens=6"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "bf16 forward: greedy tokens equal to fp32's: " in out.stdout
+    avx = "bf16 decoding steps, kernels='avx512': "
+    line = next(x for x in out.stdout.splitlines() if x.startswith(avx))
+    assert ("greedy tokens equal" in line) == (cpu_gemv.unavailable(torch.bfloat16) is None)

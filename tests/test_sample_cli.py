@@ -12,6 +12,7 @@ import sample as sample_mod
 from conftest import R50K as BPE_FILE
 from conftest import needs_r50k as needs_bpe
 from model import GPTConfig, TrainConfig
+from model.gpt import cpu_gemv
 from model.training.checkpoint import load_model
 from model.training.data import prepare
 from model.training.tokenizer import StreamPrinter
@@ -145,6 +146,29 @@ def test_bfloat16_samples_like_the_api_in_bfloat16(monkeypatch, capsys, run_dir)
     assert out == greedy + "\n"
 
 
+@pytest.mark.skipif(cpu_gemv.unavailable(torch.bfloat16) is not None, reason="kernels='avx512' cannot run here")
+def test_avx512_kernels_sample_like_the_api(monkeypatch, capsys, run_dir):
+    args = ("--start", "the ", "--num-samples", "1", "--max-new-tokens", "30", "--temperature", "0",
+            "--dtype", "bfloat16", "--kernels", "avx512")
+    code, out, _ = cli(monkeypatch, capsys, run_dir, *args)
+    assert code == 0
+    model, info = load_model(run_dir / "out" / "default" / "best.pt")
+    chars = info["meta"]["chars"]
+    idx = torch.tensor([[chars.index(ch) for ch in "the "]])
+    tokens = model.generate(idx, 30, temperature=0, dtype="bfloat16", kernels="avx512")[0].tolist()
+    assert out == "".join(chars[i] for i in tokens) + "\n"
+
+
+def test_avx512_kernels_where_they_cannot_run_is_one_line(monkeypatch, capsys, run_dir):
+    monkeypatch.setattr(cpu_gemv, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(cpu_gemv.platform, "machine", lambda: "x86_64")
+    code, out, err = cli(monkeypatch, capsys, run_dir, "--kernels", "avx512")
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert lines[0] == ("sample.py: error: kernels='avx512' cannot run here: this CPU lacks avx512bw, avx512f; "
+                        "use kernels='torch'")
+
+
 def test_beam_search_matches_the_api(monkeypatch, capsys, run_dir):
     code, out, _ = cli(monkeypatch, capsys, run_dir, "--start", "a cat", "--num-beams", "3", "--num-samples", "2",
                        "--max-new-tokens", "20", "--length-penalty", "0.5")
@@ -194,6 +218,7 @@ def test_start_from_file(monkeypatch, capsys, run_dir, tmp_path):
     (["--device", "tpu"], "--device"),
     (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
     (["--dtype", "float16"], "--dtype float16 needs a CUDA device"),
+    (["--kernels", "mkl"], "argument --kernels: invalid choice: 'mkl'"),
 ])
 def test_bad_input_is_one_line_exit_2(monkeypatch, capsys, run_dir, args, match):
     code, out, err = cli(monkeypatch, capsys, run_dir, *args)

@@ -8,7 +8,10 @@ GPT.forward(idx, kv_cache=cache, last_only=True) with:
 - each matrix stored for its cheapest kernel (_Linear): fp32 transposed once for torch.addmm; bf16/fp16 as
   is, a single row through torch.addmv (torch's reduced-precision gemv, fp32 accumulation);
 - weights and KV cache in `dtype` (bfloat16: half the bytes, so about twice the tokens/s at the memory
-  roof); logits are returned in float32, and all sampling arithmetic stays in float32.
+  roof); logits are returned in float32, and all sampling arithmetic stays in float32;
+- with kernels="avx512", the products of up to 4 rows (a step at batch 1, or of 4 beams) through
+  model.gpt.cpu_gemv, which streams the weights nearer the memory bandwidth than torch's kernels in bf16 and
+  for several rows (x86 CPUs with AVX-512; built on first use).
 Measured figures: docs/sampling.md. The reference path (fast=False) runs the model's own forward.
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from . import cpu_gemv
 from .kv_cache import KVCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,13 +40,26 @@ def resolve_dtype(dtype, device, name: str = "dtype") -> torch.dtype | None:
     return DTYPES[key]
 
 
+KERNELS = ("torch", "avx512")
+
+
+def check_kernels(kernels, dtype: torch.dtype, device) -> None:
+    """ValueError naming the value when `kernels` is not one of KERNELS or cannot run here."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "avx512":
+        cpu_gemv.check(dtype, device)
+
+
 class _Linear:
     """y = x Wᵀ + b with W stored for the cheapest kernel of its dtype: in float32 transposed, (in, out), the
     layout addmm takes with the fewest steps (Hugging Face's Conv1D layout); in bf16/fp16 as is, (out, in),
-    the layout of torch's reduced-precision gemv, which one row uses (fp32 accumulation)."""
+    the layout of torch's reduced-precision gemv, which one row uses (fp32 accumulation). With
+    kernels="avx512", W stays (out, in) and inputs of up to cpu_gemv.MAX_ROWS rows go to that kernel."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
-        self.gemv = dtype != torch.float32
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, kernels: str):
+        self.avx512 = kernels == "avx512"
+        self.gemv = dtype != torch.float32 or self.avx512
         w = weight.detach().to(dtype)
         self.weight = w if self.gemv else w.t().contiguous()  # (out, in) or (in, out): a copy, made once
         self.bias = None if bias is None else bias.detach().to(dtype)  # (out,)
@@ -50,6 +67,8 @@ class _Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
         if not self.gemv:
             return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
+        if self.avx512 and x.size(0) <= cpu_gemv.MAX_ROWS:
+            return cpu_gemv.linear(x, self.weight, self.bias)
         if x.size(0) > 1:
             return F.linear(x, self.weight, self.bias)
         v = x.view(-1)  # (in,)
@@ -60,16 +79,16 @@ class _Linear:
 class _Block:
     """One transformer block's tensors, in the decoder's dtype."""
 
-    def __init__(self, block, dtype: torch.dtype):
+    def __init__(self, block, dtype: torch.dtype, kernels: str):
         def cast(t):
             return None if t is None else t.detach().to(dtype)
 
         self.ln_1 = (cast(block.ln_1.weight), cast(block.ln_1.bias))
-        self.c_attn = _Linear(block.attn.c_attn.weight, block.attn.c_attn.bias, dtype)  # C -> 3C
-        self.attn_proj = _Linear(block.attn.c_proj.weight, block.attn.c_proj.bias, dtype)  # C -> C
+        self.c_attn = _Linear(block.attn.c_attn.weight, block.attn.c_attn.bias, dtype, kernels)  # C -> 3C
+        self.attn_proj = _Linear(block.attn.c_proj.weight, block.attn.c_proj.bias, dtype, kernels)  # C -> C
         self.ln_2 = (cast(block.ln_2.weight), cast(block.ln_2.bias))
-        self.c_fc = _Linear(block.mlp.c_fc.weight, block.mlp.c_fc.bias, dtype)  # C -> 4C
-        self.mlp_proj = _Linear(block.mlp.c_proj.weight, block.mlp.c_proj.bias, dtype)  # 4C -> C
+        self.c_fc = _Linear(block.mlp.c_fc.weight, block.mlp.c_fc.bias, dtype, kernels)  # C -> 4C
+        self.mlp_proj = _Linear(block.mlp.c_proj.weight, block.mlp.c_proj.bias, dtype, kernels)  # 4C -> C
 
 
 class Decoder:
@@ -77,12 +96,13 @@ class Decoder:
 
     The matrices are copied once, here, in the layout their kernel wants (see _Linear): in float32 the
     decoder holds a second copy of the weight matrices while it lives (one generate/beam_search call).
-    dtype None keeps the model's dtype.
+    dtype None keeps the model's dtype. kernels "torch" multiplies with torch's kernels, "avx512" the few-row
+    products with model.gpt.cpu_gemv's (checked with check_kernels first).
     Call it like the model: decoder(idx, cache) == model(idx, kv_cache=cache, last_only=True)[0][:, -1],
     in float32.
     """
 
-    def __init__(self, model, dtype: torch.dtype | None = None):
+    def __init__(self, model, dtype: torch.dtype | None = None, kernels: str = "torch"):
         wte = model.transformer.wte.weight
         self.config = model.config
         self.dtype = wte.dtype if dtype is None else dtype
@@ -92,9 +112,9 @@ class Decoder:
             return None if t is None else t.detach().to(self.dtype)
 
         self.wte = cast(wte)  # (V, C)
-        self.head = _Linear(model.lm_head.weight, None, self.dtype)  # C -> V
+        self.head = _Linear(model.lm_head.weight, None, self.dtype, kernels)  # C -> V
         self.pos = cast(model.transformer.wpe.weight if self.config.pos_encoding == "learned" else model.pos_table)
-        self.blocks = [_Block(b, self.dtype) for b in model.transformer.h]
+        self.blocks = [_Block(b, self.dtype, kernels) for b in model.transformer.h]
         self.ln_f = (cast(model.transformer.ln_f.weight), cast(model.transformer.ln_f.bias))
         self.tanh_gelu = self.config.activation == "gelu_tanh"
 

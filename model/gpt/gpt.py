@@ -199,22 +199,24 @@ class GPT(nn.Module):
     def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True, on_token=None,
-                 stats: dict | None = None, fast: bool = True, dtype=None) -> torch.Tensor:
+                 stats: dict | None = None, fast: bool = True, dtype=None, kernels: str = "torch") -> torch.Tensor:
         """Sample (temperature 0: greedy) up to max_new_tokens after idx (B, T) -> (B, T + n).
 
         Stops early once every row has emitted eos_token_id. stats (a dict) receives the call's timing: see
         model.gpt.sampling.generate and model.flops.roofline.decoding_summary (tokens/s, GB/s, MBU, MFU).
-        fast: the decoding path of model.gpt.decode; dtype: weights and cache in bfloat16/float16.
+        fast: the decoding path of model.gpt.decode; dtype: weights and cache in bfloat16/float16; kernels:
+        "avx512" for model.gpt.cpu_gemv's matrix kernels on x86 CPUs.
         """
         from .sampling import generate  # sampling drives the model: imported where used, not at load
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_token_id=eos_token_id, generator=generator, use_cache=use_cache, on_token=on_token,
-                        stats=stats, fast=fast, dtype=dtype)
+                        stats=stats, fast=fast, dtype=dtype, kernels=kernels)
 
     def beam_search(self, idx: torch.Tensor, max_new_tokens: int, *, num_beams: int, length_penalty: float = 1.0,
                     early_stopping: bool | str = False, eos_token_id: int | None = None,
                     no_repeat_ngram_size: int = 0, num_return_sequences: int = 1,
-                    use_cache: bool = True, fast: bool = True, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
+                    use_cache: bool = True, fast: bool = True, dtype=None,
+                    kernels: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
         """Beam search -> (sequences, scores), as transformers' generate(num_beams=...) computes them.
 
         See model.gpt.sampling.beam_search.
@@ -224,7 +226,7 @@ class GPT(nn.Module):
                            early_stopping=early_stopping, eos_token_id=eos_token_id,
                            no_repeat_ngram_size=no_repeat_ngram_size,
                            num_return_sequences=num_return_sequences, use_cache=use_cache, fast=fast,
-                           dtype=dtype)
+                           dtype=dtype, kernels=kernels)
 
     @classmethod
     def from_pretrained(cls, path, device="cpu") -> "GPT":

@@ -1,6 +1,8 @@
 """The key/value cache that generation and beam search feed the GPT through."""
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from ..config import GPTConfig
@@ -40,8 +42,16 @@ class KVCache:
             self.v = self.v.index_select(1, index)
             self._spare = None
             return
-        # same batch size (every beam-search step): gather only positions [0, pos) into the spare buffers and
-        # swap; allocating a fresh cache per step costs more than the copy itself (page faults)
+        # same batch size (every beam-search step): copy only the rows that change, each read before it is
+        # overwritten; rows that trade places (a cycle) need the spare pair. Allocating a fresh cache per step
+        # would cost more than the copies (page faults).
+        moves = {dst: src for dst, src in enumerate(index.tolist()) if dst != src}
+        order = _copy_order(moves)
+        if order is not None:
+            for dst in order:
+                self.k[:, dst, :, :self.pos].copy_(self.k[:, moves[dst], :, :self.pos])
+                self.v[:, dst, :, :self.pos].copy_(self.v[:, moves[dst], :, :self.pos])
+            return
         if self._spare is None:
             self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
         k, v = self._spare
@@ -52,3 +62,20 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+
+
+def _copy_order(moves: dict[int, int]) -> list[int] | None:
+    """An order for the row copies dst <- moves[dst] in which no row is overwritten while a copy still has to
+    read it; None when the moves contain a cycle (rows trading places), which no order of copies can do."""
+    readers = Counter(src for src in moves.values() if src in moves)  # pending reads of rows to be overwritten
+    ready = [dst for dst in moves if readers[dst] == 0]
+    order = []
+    while ready:
+        dst = ready.pop()
+        order.append(dst)
+        src = moves[dst]
+        if src in moves:
+            readers[src] -= 1
+            if readers[src] == 0:
+                ready.append(src)
+    return order if len(order) == len(moves) else None

@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from ..config import check
-from .decode import Decoder, resolve_dtype
+from .decode import Decoder, check_kernels, resolve_dtype
 
 NOT_A_CANDIDATE = -1.0e9  # transformers' score for beams that must not be chosen (kept for identical ties)
 
@@ -140,12 +140,13 @@ class _Window:
     while the window does not move; when it slides, positions shift, so the cache is refilled from the
     cropped window (the uncached computation exactly, at the uncached cost). fast=True (with the cache) runs
     the steps through model.gpt.decode.Decoder, else through the model's forward; dtype (None: the model's)
-    is the weights' and the cache's dtype.
+    is the weights' and the cache's dtype; kernels: the decoder's matrix kernels (decode.check_kernels).
     """
 
-    def __init__(self, model, rows: int, total_len: int, use_cache: bool, fast: bool = False, dtype=None):
+    def __init__(self, model, rows: int, total_len: int, use_cache: bool, fast: bool = False, dtype=None,
+                 kernels: str = "torch"):
         self.block = model.config.block_size
-        self.decoder = Decoder(model, dtype) if fast and use_cache else None
+        self.decoder = Decoder(model, dtype, kernels) if fast and use_cache else None
         if self.decoder is None and dtype not in (None, model.transformer.wte.weight.dtype):
             model = copy.deepcopy(model).to(dtype)  # the reference path in lower precision: a cast copy
         self.model = model
@@ -189,11 +190,15 @@ def _check_eos(model, eos_token_id) -> None:
         check("eos_token_id", eos_token_id, int, 0, model.config.vocab_size, open_high=True)
 
 
-def _check_decoding(fast, dtype, idx: torch.Tensor) -> torch.dtype | None:
-    """Validate fast and dtype; return dtype as a torch dtype (None: the model's)."""
+def _check_decoding(model, idx: torch.Tensor, fast, dtype, kernels, use_cache) -> torch.dtype | None:
+    """Validate fast, dtype and kernels; return dtype as a torch dtype (None: the model's)."""
     if not isinstance(fast, bool):
         raise ValueError(f"fast must be True or False, got {fast!r}")
-    return resolve_dtype(dtype, idx.device)
+    dtype = resolve_dtype(dtype, idx.device)
+    if kernels != "torch" and not (fast and use_cache):
+        raise ValueError(f"kernels={kernels!r} runs on the fast cached path: it needs fast=True and use_cache=True")
+    check_kernels(kernels, model.transformer.wte.weight.dtype if dtype is None else dtype, idx.device)
+    return dtype
 
 
 class _EvalMode:
@@ -217,7 +222,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
              top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
              generator: torch.Generator | None = None, use_cache: bool = True,
              on_token: Callable[[torch.Tensor], None] | None = None, stats: dict | None = None,
-             fast: bool = True, dtype: torch.dtype | str | None = None) -> torch.Tensor:
+             fast: bool = True, dtype: torch.dtype | str | None = None, kernels: str = "torch") -> torch.Tensor:
     """Extend each prompt row of idx (B, T) by up to max_new_tokens tokens -> (B, T + n), n <= max_new_tokens.
 
     temperature=0 is greedy (argmax); otherwise logits / temperature, then top-k, then top-p, then one draw
@@ -232,18 +237,20 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
     fast=True (with the cache) decodes through model.gpt.decode, else through the model's forward: the same
     function. dtype ("bfloat16", "float16" on CUDA, "float32"; None: the model's) holds the weights and the
     cache in that precision (a cast copy of the weights, made per call: cast the model once to avoid it);
-    logits and sampling stay in float32.
+    logits and sampling stay in float32. kernels="avx512" runs the fast path's few-row matrix products
+    through model.gpt.cpu_gemv (x86 CPUs with AVX-512; built on first use): closer to the memory bandwidth in
+    bf16 and for several rows; "torch" (the default) uses torch's kernels.
     """
     _check_prompt(model, idx)
     check("max_new_tokens", max_new_tokens, int, 0)
     validate_sampling(temperature, top_k, top_p)
     _check_eos(model, eos_token_id)
-    dtype = _check_decoding(fast, dtype, idx)
+    dtype = _check_decoding(model, idx, fast, dtype, kernels, use_cache)
     with _EvalMode(model), torch.inference_mode():
         B, T = idx.shape
         out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T+n), filled below
         out[:, :T] = idx
-        window = _Window(model, B, T + max_new_tokens, use_cache, fast, dtype)
+        window = _Window(model, B, T + max_new_tokens, use_cache, fast, dtype, kernels)
         finished = torch.zeros(B, dtype=torch.bool, device=idx.device) if eos_token_id is not None else None
         length = T
         start = time.perf_counter()
@@ -307,12 +314,14 @@ class BeamSettings:
     use_cache: bool = True
     fast: bool = True
     dtype: torch.dtype | None = None
+    kernels: str = "torch"
 
 
 def beam_search(model, idx: torch.Tensor, max_new_tokens: int, *, num_beams: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, eos_token_id: int | None = None,
                 no_repeat_ngram_size: int = 0, num_return_sequences: int = 1, use_cache: bool = True,
-                fast: bool = True, dtype: torch.dtype | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                fast: bool = True, dtype: torch.dtype | str | None = None,
+                kernels: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search over prompts idx (B, T) -> (sequences (B·R, <= T+n), scores (B·R,)), R = num_return_sequences.
 
     Returns, per prompt, the R best finished hypotheses, best first. A hypothesis finishes when it emits
@@ -325,16 +334,17 @@ def beam_search(model, idx: torch.Tensor, max_new_tokens: int, *, num_beams: int
     best reachable score at the current length; "never" (with length_penalty > 0) at the maximum length.
     Sequences shorter than the longest returned one are padded with eos_token_id. num_beams=1 is greedy
     decoding (as in transformers), scored the same way. no_repeat_ngram_size=n > 0 forbids repeating any
-    n-gram (prompt included). fast and dtype: as for `generate`.
+    n-gram (prompt included). fast, dtype and kernels: as for `generate`.
     """
     _check_prompt(model, idx)
     check("max_new_tokens", max_new_tokens, int, 1)
     _check_beam_args(num_beams, length_penalty, early_stopping, no_repeat_ngram_size, num_return_sequences)
     _check_eos(model, eos_token_id)
-    dtype = _check_decoding(fast, dtype, idx)
+    dtype = _check_decoding(model, idx, fast, dtype, kernels, use_cache)
     opts = BeamSettings(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
                         eos_token_id=eos_token_id, no_repeat_ngram_size=no_repeat_ngram_size,
-                        num_return_sequences=num_return_sequences, use_cache=use_cache, fast=fast, dtype=dtype)
+                        num_return_sequences=num_return_sequences, use_cache=use_cache, fast=fast, dtype=dtype,
+                        kernels=kernels)
     with _EvalMode(model), torch.inference_mode():
         if num_beams == 1:
             return _greedy_scored(model, idx, max_new_tokens, opts)
@@ -346,7 +356,7 @@ def _greedy_scored(model, idx: torch.Tensor, max_new_tokens: int, opts: BeamSett
     eos = opts.eos_token_id
     out = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)  # (B, T+n)
     out[:, :T] = idx
-    window = _Window(model, B, T + max_new_tokens, opts.use_cache, opts.fast, opts.dtype)
+    window = _Window(model, B, T + max_new_tokens, opts.use_cache, opts.fast, opts.dtype, opts.kernels)
     total = torch.zeros(B, device=idx.device)  # (B,) summed log-probabilities of the chosen tokens
     gen_len = torch.zeros(B, dtype=torch.long, device=idx.device)  # (B,) tokens generated up to eos
     finished = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -400,7 +410,7 @@ def _beam_search(model, idx: torch.Tensor, max_new_tokens: int, opts: BeamSettin
     beams = _Beams.start(idx, L, nb, pad=opts.eos_token_id if opts.eos_token_id is not None else 0)
     batch_base = torch.arange(B, device=idx.device)[:, None] * nb  # (B, 1) row offset of each prompt's beams
     # prefill the B prompts once, then give every beam a copy of its prompt's cache rows
-    window = _Window(model, B, L, opts.use_cache, opts.fast, opts.dtype)
+    window = _Window(model, B, L, opts.use_cache, opts.fast, opts.dtype, opts.kernels)
     logits = window.logits(idx, T).repeat_interleave(nb, dim=0)  # (B·nb, V)
     window.reorder(torch.arange(B, device=idx.device).repeat_interleave(nb))
     for step in range(max_new_tokens):

@@ -1,0 +1,85 @@
+"""AVX-512 kernels for the few-row matrix products of CPU decoding, behind one setting: kernels="avx512".
+
+A decoding step multiplies a few rows (one per sequence, one per beam) by every weight matrix, so its speed is
+how fast the weights stream from memory. torch's CPU kernels read them well below the bandwidth in bf16 and
+for several rows (bench/gemv.py); `linear` here streams each weight row once for up to 4 rows, accumulates in
+fp32 and prefetches ahead (cpu_gemv.cpp). Results equal F.linear's up to the order of the sums (and, in bf16,
+one rounding of the output).
+
+The C++ is built with torch.utils.cpp_extension on first use, about a minute once; the library is kept under
+torch's extensions folder (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and loads in a fraction of
+a second afterwards. It needs an x86-64 CPU with AVX-512 (AVX512-BF16 for bfloat16), a C++ compiler and ninja.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
+NAME = "flopgpt_cpu_gemv"
+MAX_ROWS = 4  # rows one pass over the weights serves; decode.py sends larger inputs to torch's GEMM
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def unavailable(dtype: torch.dtype) -> str | None:
+    """Why the kernel cannot run for `dtype` on this machine, or None when it can."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"it computes float32 and bfloat16, not {str(dtype).removeprefix('torch.')}"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"it needs an x86-64 CPU, this one is {platform.machine()}"
+    needed = {"avx512f", "avx512bw"} | ({"avx512_bf16"} if dtype == torch.bfloat16 else set())
+    missing = sorted(needed - cpu_flags())
+    if missing:
+        return f"this CPU lacks {', '.join(missing)}"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"it is built on first use and no C++ compiler ({compiler}) is on PATH"
+    from torch.utils.cpp_extension import is_ninja_available
+    if not is_ninja_available():
+        return "it is built on first use with ninja, which is not installed (pip install ninja)"
+    return None
+
+
+def check(dtype: torch.dtype, device: torch.device) -> None:
+    """ValueError naming the reason when kernels="avx512" cannot run for `dtype` on `device`."""
+    reason = "it runs on the CPU only" if torch.device(device).type != "cpu" else unavailable(dtype)
+    if reason:
+        raise ValueError(f"kernels='avx512' cannot run here: {reason}; use kernels='torch'")
+
+
+@functools.cache
+def _library():
+    from torch.utils.cpp_extension import get_default_build_root, load
+    build = Path(get_default_build_root()) / NAME
+    built = build / f"{NAME}.so"
+    if not built.exists() or built.stat().st_mtime < SOURCE.stat().st_mtime:
+        print(f"building the AVX-512 decoding kernel (once, about a minute) in {build}", file=sys.stderr)
+    build.mkdir(parents=True, exist_ok=True)
+    flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]  # bf16 code runs only where checked
+    try:
+        return load(NAME, [str(SOURCE)], extra_cflags=flags, build_directory=str(build))
+    except (RuntimeError, OSError, ImportError) as e:
+        last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ValueError(f"kernels='avx512': building {SOURCE.name} failed ({last}); use kernels='torch'") from e
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x (R, in) · w (out, in)ᵀ + b -> (R, out), one dtype (float32 or bfloat16), contiguous tensors."""
+    return _library().linear(x, w, b)
