@@ -54,9 +54,8 @@ def build_parser() -> OneLineParser:
                    help="weights and KV cache in this precision, logits in float32; float16 on CUDA only "
                    "(default %(default)s)")
     p.add_argument("--kernels", default="torch", choices=("torch", "avx512"),
-                   help="matrix kernels of the decoding steps: torch's, or flopgpt's AVX-512 ones for x86 CPUs, "
-                   "nearer the memory bandwidth in bfloat16 and with beams (built on first use, about a minute "
-                   "once; docs/sampling.md) (default %(default)s)")
+                   help="decoding's matrix kernels: torch's, or AVX-512 ones for x86 CPUs, nearer the memory "
+                   "bandwidth (built on first use; docs/sampling.md) (default %(default)s)")
     p.add_argument("--threads", metavar="N", type=int, default=0,
                    help="CPU threads; 0 = one per core less those other programs keep busy (default %(default)s)")
     p.add_argument("--bpe-file", metavar="PATH", help="GPT-2 ranks file r50k_base.tiktoken, for the GPT-2 "
