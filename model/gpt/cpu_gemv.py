@@ -6,7 +6,7 @@ for several rows (bench/gemv.py); `linear` here streams each weight row once for
 fp32 and prefetches ahead (cpu_gemv.cpp). Results equal F.linear's up to the order of the sums (and, in bf16,
 one rounding of the output).
 
-The C++ is built with torch.utils.cpp_extension on first use, about a minute once; the library is kept under
+The C++ is built with torch.utils.cpp_extension on first use (once, under a minute); the library is kept under
 torch's extensions folder (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and loads in a fraction of
 a second afterwards. It needs an x86-64 CPU with AVX-512 (AVX512-BF16 for bfloat16), a C++ compiler and ninja.
 """
@@ -67,9 +67,9 @@ def check(dtype: torch.dtype, device: torch.device) -> None:
 @functools.cache
 def _library():
     from torch.utils.cpp_extension import get_default_build_root, load
-    build = Path(get_default_build_root()) / NAME
+    build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / NAME
     if not any(build.glob(f"{NAME}*.so")):
-        print(f"building the AVX-512 decoding kernel (once, about a minute) in {build}", file=sys.stderr)
+        print(f"building the AVX-512 decoding kernel (once, under a minute) in {build}", file=sys.stderr)
     build.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]  # bf16 code runs only where checked
     try:
