@@ -440,17 +440,20 @@ def _candidates(beams: _Beams, log_probs: torch.Tensor, cur: int, *, last: bool,
     B, nb, L = beams.running.shape
     K = 2 * nb  # enough that num_beams of them are not eos
     V = log_probs.size(-1)
-    total = (log_probs.view(B, nb, V) + beams.run_score[:, :, None]).view(B, nb * V)  # (B, nb·V)
-    cand_score, cand = torch.topk(total, K, dim=1)  # (B, K) each, best first
-    cand_beam, cand_tok = cand // V, cand % V  # (B, K) each
+    total = log_probs.view(B, nb, V) + beams.run_score[:, :, None]  # (B, nb, V)
+    # the K best of each beam, then the K best of those: the K best of all nb·V (as transformers' one topk
+    # over them finds, up to the order of exact ties) at a third of the cost for a 50k vocabulary
+    beam_score, beam_tok = torch.topk(total, min(K, V), dim=2)  # (B, nb, k) each
+    cand_score, pick = torch.topk(beam_score.view(B, -1), K, dim=1)  # (B, K) each, best first
+    cand_beam, cand_tok = pick // beam_score.size(2), beam_tok.view(B, -1).gather(1, pick)  # (B, K) each
     cand_seq = _pick(beams.running, cand_beam)  # (B, K, L)
     cand_seq[:, :, cur] = cand_tok
     if last:
-        ends = torch.ones(B, K, dtype=torch.bool, device=cand.device)  # max length: every candidate ends
+        ends = torch.ones(B, K, dtype=torch.bool, device=pick.device)  # max length: every candidate ends
     elif eos is not None:
         ends = cand_tok == eos  # (B, K)
     else:
-        ends = torch.zeros(B, K, dtype=torch.bool, device=cand.device)
+        ends = torch.zeros(B, K, dtype=torch.bool, device=pick.device)
     return cand_score, cand_beam, cand_seq, ends
 
 
