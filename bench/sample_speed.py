@@ -112,8 +112,8 @@ def run(args) -> int:
         except ImportError:
             print("transformers is not installed: skipping its columns")
             args.no_hf = True
-    bandwidth = Peak(max(measure_cpu_bandwidth() for _ in range(3)), "STREAM copy/triad measured in this run, "
-                     "best of 3", unit="B/s")
+    start = max(measure_cpu_bandwidth() for _ in range(3))
+    bandwidth = Peak(start, "STREAM copy/triad measured in this run, best of 3", unit="B/s")
     peaks = {torch.float32: device_peak("cpu")}
     torch.set_float32_matmul_precision("medium")  # the bf16 matmul peak (AMX/AVX512-BF16 where present)
     peaks[torch.bfloat16] = device_peak("cpu")
@@ -126,6 +126,8 @@ def run(args) -> int:
               "default": GPTConfig(vocab_size=103, block_size=128, n_layer=4, n_head=4, n_embd=128)}
     for name in (("gpt2", "default") if args.model == "both" else (args.model,)):
         _bench_model(name, models[name], args, bandwidth, peaks)
+    end = max(measure_cpu_bandwidth() for _ in range(3))  # a neighbour's load moves it: say how far it drifted
+    print(f"STREAM at the end of the run: {end / 1e9:.1f} GB/s (start: {start / 1e9:.1f} GB/s)")
     for peak in (bandwidth, *peaks.values()):
         for message in peak.messages:
             print(f"note: {message}")
