@@ -94,6 +94,8 @@ def test_reasons_it_cannot_run(monkeypatch):
     assert cpu_gemv.unavailable(torch.bfloat16) == "this CPU lacks avx512_bf16"
     monkeypatch.setattr(cpu_gemv, "cpu_flags", lambda: {"avx2"})
     assert cpu_gemv.unavailable(torch.float32) == "this CPU lacks avx512bw, avx512f"
+    with pytest.raises(ValueError, match="this CPU lacks avx512bw, avx512f"):  # before any kernel runs
+        Decoder(tiny_gpt(), kernels="avx512")
     monkeypatch.setattr(cpu_gemv, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512_bf16"})
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     assert "no C++ compiler (no-such-compiler-xyz) is on PATH" in cpu_gemv.unavailable(torch.float32)

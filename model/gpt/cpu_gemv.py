@@ -26,16 +26,17 @@ NAME = "flopgpt_cpu_gemv"
 MAX_ROWS = 4  # rows one pass over the weights serves; decode.py sends larger inputs to torch's GEMM
 
 
-def cpu_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
 
 
 def unavailable(dtype: torch.dtype) -> str | None:

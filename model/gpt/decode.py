@@ -107,6 +107,7 @@ class Decoder:
         self.config = model.config
         self.dtype = wte.dtype if dtype is None else dtype
         self.device = wte.device
+        check_kernels(kernels, self.dtype, self.device)  # an AVX-512 kernel on a CPU without it would crash
 
         def cast(t):
             return None if t is None else t.detach().to(self.dtype)
