@@ -13,6 +13,7 @@ a second afterwards. It needs an x86-64 CPU with AVX-512 (AVX512-BF16 for bfloat
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import shutil
@@ -65,16 +66,25 @@ def check(dtype: torch.dtype, device: torch.device) -> None:
         raise ValueError(f"kernels='avx512' cannot run here: {reason}; use kernels='torch'")
 
 
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]  # bf16 code runs only where checked
+
+
 @functools.cache
 def _library():
     from torch.utils.cpp_extension import get_default_build_root, load
-    build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / NAME
+    code = SOURCE.read_bytes()
+    # one folder per source, flags and torch version, the source copied in: every checkout of the same code
+    # shares one build, and another version never rebuilds over it (ninja rebuilds when a path changes)
+    tag = hashlib.sha256(b"\0".join([code, " ".join(FLAGS).encode(), torch.__version__.encode()])).hexdigest()
+    build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / f"{NAME}_{tag[:12]}"
+    source = build / SOURCE.name
     if not any(build.glob(f"{NAME}*.so")):
         print(f"building the AVX-512 decoding kernel (once, under a minute) in {build}", file=sys.stderr)
-    build.mkdir(parents=True, exist_ok=True)
-    flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]  # bf16 code runs only where checked
     try:
-        return load(NAME, [str(SOURCE)], extra_cflags=flags, build_directory=str(build))
+        build.mkdir(parents=True, exist_ok=True)
+        if not source.exists() or source.read_bytes() != code:
+            source.write_bytes(code)
+        return load(NAME, [str(source)], extra_cflags=FLAGS, build_directory=str(build))
     except (RuntimeError, OSError, ImportError) as e:
         last = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ValueError(f"kernels='avx512': building {SOURCE.name} failed ({last}); use kernels='torch'") from e
