@@ -61,8 +61,8 @@ class _Linear:
         self.avx512 = kernels == "avx512"
         self.gemv = dtype != torch.float32 or self.avx512
         w = weight.detach().to(dtype)
-        self.weight = w if self.gemv else w.t().contiguous()  # (out, in) or (in, out): a copy, made once
-        self.bias = None if bias is None else bias.detach().to(dtype)  # (out,)
+        self.weight = w.contiguous() if self.gemv else w.t().contiguous()  # (out, in) or (in, out), made once
+        self.bias = None if bias is None else bias.detach().to(dtype).contiguous()  # (out,)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
         if not self.gemv:
