@@ -169,9 +169,11 @@ class _Window:
         logits, _ = self.model(x, kv_cache=cache, last_only=True)  # (N, 1, V)
         return logits[:, -1].float()  # (N, V)
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, shared: int = 0) -> None:
+        """Keep rows `index`; their first `shared` tokens are equal (one prompt's beams): while the window has
+        not slid, their cache positions are too, and stay put."""
         if self.cache is not None:
-            self.cache.reorder(index)
+            self.cache.reorder(index, shared if self.start == 0 else 0)
 
 
 def _check_prompt(model, idx: torch.Tensor) -> None:
@@ -427,7 +429,7 @@ def _beam_search(model, idx: torch.Tensor, max_new_tokens: int, opts: BeamSettin
         stop = ~beams.improvable.any() | (beams.fin_done.all() & (opts.early_stopping is True)) | ends.all()
         if step == max_new_tokens - 1 or bool(stop):
             break
-        window.reorder(src_row.view(-1))
+        window.reorder(src_row.view(-1), shared=T)  # each beam continues a beam of its own prompt
         logits = window.logits(beams.running.view(B * nb, L), cur + 1)  # (B·nb, V)
     R = opts.num_return_sequences
     seqs = beams.fin_seq[:, :R].reshape(B * R, L)  # (B·R, L)
