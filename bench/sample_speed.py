@@ -13,7 +13,8 @@ forward), transformers' generate (eager), and with --hf-static transformers with
 torch.compile. Every timed call is a whole generate call; entries alternate, median of --repeats after one
 warm-up call each, so a load change on a shared machine hits every entry alike.
 Bytes follow the minimum convention (model/flops/bytes.py), summed over the run's calls (prefill included);
-MBU is against the STREAM bandwidth measured in this run and MFU against the FLOP peak (model/flops/peaks.py);
+MBU is against the highest STREAM bandwidth measured in this run up to the row (at the start, and after each
+row block's timing: a neighbour's load moves it) and MFU against the FLOP peak (model/flops/peaks.py);
 a measured rate above a peak raises it (said below the table). --batches adds greedy rows at larger batches
 beside the roofline's prediction (the time the binding roof allows for every call of the run).
 """
@@ -205,11 +206,16 @@ def _short(dtype) -> str:
 
 def _bench_mode(mode, model, model_bf16, hfs, prompt, n, args, bandwidth, peaks) -> None:
     import torch
+
+    from model.flops.peaks import measure_cpu_bandwidth
     paths = _paths(mode, model, model_bf16, hfs, prompt, n, args)
     with torch.inference_mode():
         for fn, _ in _paths(mode, model, model_bf16, hfs, prompt, min(n, 4), args).values():
             fn()  # a short warm-up call: first-call allocations, kernel choice, compilation
         res = timed({k: fn for k, (fn, _) in paths.items()}, args.repeats)
+    # a neighbour's load moves the bandwidth: these rows' MBU is against the highest STREAM read so far, this
+    # reading (right after their timing) included
+    bandwidth.raise_to(max(measure_cpu_bandwidth() for _ in range(3)))
     beams = args.beams if mode == "beam" else 1
     label = {"greedy": "greedy", "beam": f"beam {beams}", "sample": "top-k/p"}[mode]
     ref = res.get("transformers eager fp32")
