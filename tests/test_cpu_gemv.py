@@ -1,5 +1,7 @@
 """The AVX-512 few-row kernels (model/gpt/cpu_gemv.py): against F.linear in float64, through the decoder, and
 the one-line reasons where they cannot run."""
+import functools
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -99,6 +101,7 @@ def test_reasons_it_cannot_run(monkeypatch):
     with pytest.raises(ValueError, match="this CPU lacks avx512bw, avx512f"):  # before any kernel runs
         Decoder(tiny_gpt(), kernels="avx512")
     monkeypatch.setattr(cpu_gemv, "cpu_flags", lambda: {"avx512f", "avx512bw", "avx512_bf16"})
+    monkeypatch.setattr(cpu_gemv, "_library", functools.cache(lambda: None))  # as if not built yet
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     assert "no C++ compiler (no-such-compiler-xyz) is on PATH" in cpu_gemv.unavailable(torch.float32)
     with pytest.raises(ValueError, match=r"no C\+\+ compiler .*; use kernels='torch'"):
@@ -118,3 +121,10 @@ def test_a_failed_build_is_one_value_error(monkeypatch, tmp_path):
             cpu_gemv.linear(torch.ones(1, 4), torch.ones(2, 4))
     finally:
         cpu_gemv._library.cache_clear()  # the next caller loads the real kernel again
+
+
+@needs(torch.float32)
+def test_once_loaded_no_compiler_is_needed(monkeypatch):
+    cpu_gemv.linear(torch.ones(1, 4), torch.ones(2, 4))  # loads the built library
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    assert cpu_gemv.unavailable(torch.float32) is None  # and generate's checks cost a flag lookup

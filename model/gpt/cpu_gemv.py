@@ -50,6 +50,8 @@ def unavailable(dtype: torch.dtype) -> str | None:
     missing = sorted(needed - cpu_flags())
     if missing:
         return f"this CPU lacks {', '.join(missing)}"
+    if _library.cache_info().currsize:  # built and loaded: no compiler needed, and each call stays cheap
+        return None
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"it is built on first use and no C++ compiler ({compiler}) is on PATH"
