@@ -7,7 +7,7 @@ Teacher-forced: one sequence of --tokens + 1 token ids (uniformly random, seeded
 fp32 and through a bf16 copy (weights, activations and KV cache in bf16: the function `dtype="bfloat16"`
 decodes with; logits compared in fp32); at each of the --tokens positions the greedy (argmax) tokens are
 compared, and the logits' largest absolute difference and the fp32 logits' spread are reported. Where
-kernels="avx512" runs (model/gpt/cpu_gemv.py), a second line does the same for bf16 decoding steps through those
+kernels="avx512" runs (model/gpt/cpu_decode.py), a second line does the same for bf16 decoding steps through those
 kernels: one token per step through the KV cache, as generate runs them.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
           f"{n} positions, teacher-forced (fp32 logits: std {ref.std().item():.3f}, median top-1 - top-2 gap "
           f"{gap:.4f})")
     report("bf16 forward", ref, low)
-    from model.gpt.cpu_gemv import unavailable
+    from model.gpt.cpu_decode import unavailable
     reason = unavailable(torch.bfloat16)
     if reason is None:
         report("bf16 decoding steps, kernels='avx512'", ref, stepped(model, idx, torch.bfloat16, "avx512"))

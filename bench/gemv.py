@@ -7,7 +7,7 @@ Each variant multiplies one input (1 or 4 rows) by every weight matrix of GPT-2 
 caches hold), one matrix after another, as a decoding step does. Printed: the best time of --repeats passes,
 the weight bytes over that time, and that over the STREAM bandwidth measured in the same run
 (model/flops/peaks.py), for the kernels model/gpt/decode.py uses (torch's, and with kernels="avx512" those of
-model/gpt/cpu_gemv.py, built on first use) and the ones it does not.
+model/gpt/cpu_decode.py, built on first use) and the ones it does not.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from model.flops.peaks import measure_cpu_bandwidth  # noqa: E402
-from model.gpt import cpu_gemv  # noqa: E402
+from model.gpt import cpu_decode  # noqa: E402
 
 SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072)] * 12 + [(50257, 768)]  # (out, in)
 VARIANTS = {  # name: (dtype, rows, weight layout, the call)
@@ -33,11 +33,11 @@ VARIANTS = {  # name: (dtype, rows, weight layout, the call)
     "bf16, 1 row, addmm on W^T": (torch.bfloat16, 1, "t", lambda x, w, b: torch.addmm(b, x, w)),
     "bf16, 4 rows, F.linear (decode.py)": (torch.bfloat16, 4, "", lambda x, w, b: F.linear(x, w, b)),
 }
-AVX512 = {  # kernels="avx512" (model/gpt/cpu_gemv.py), where it runs
-    "fp32, 1 row, avx512 kernel": (torch.float32, 1, "", lambda x, w, b: cpu_gemv.linear(x, w, b)),
-    "fp32, 4 rows, avx512 kernel": (torch.float32, 4, "", lambda x, w, b: cpu_gemv.linear(x, w, b)),
-    "bf16, 1 row, avx512 kernel": (torch.bfloat16, 1, "", lambda x, w, b: cpu_gemv.linear(x, w, b)),
-    "bf16, 4 rows, avx512 kernel": (torch.bfloat16, 4, "", lambda x, w, b: cpu_gemv.linear(x, w, b)),
+AVX512 = {  # kernels="avx512" (model/gpt/cpu_decode.py), where it runs
+    "fp32, 1 row, avx512 kernel": (torch.float32, 1, "", lambda x, w, b: cpu_decode.linear(x, w, b)),
+    "fp32, 4 rows, avx512 kernel": (torch.float32, 4, "", lambda x, w, b: cpu_decode.linear(x, w, b)),
+    "bf16, 1 row, avx512 kernel": (torch.bfloat16, 1, "", lambda x, w, b: cpu_decode.linear(x, w, b)),
+    "bf16, 4 rows, avx512 kernel": (torch.bfloat16, 4, "", lambda x, w, b: cpu_decode.linear(x, w, b)),
 }
 
 
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
           f"(this run)")
     variants = dict(VARIANTS)
     for name, spec in AVX512.items():
-        reason = cpu_gemv.unavailable(spec[0])
+        reason = cpu_decode.unavailable(spec[0])
         if reason is None:
             variants[name] = spec
         else:

@@ -8,7 +8,7 @@ Random weights (speed does not depend on their values); transformers' GPT2LMHead
 tensors. Rows: greedy, beam search (4 beams) and sampling (temperature 0.8, top-k 40, top-p 0.9, one seeded
 generator), each at batch 1, --new-tokens after a --prompt-len prompt, no EOS. Paths: flopgpt's fast decoding
 path in fp32 and in bf16 (model cast once), each with torch's kernels and with kernels='avx512' (where it runs;
-model/gpt/cpu_gemv.py, built on first use), flopgpt's reference path (generate(fast=False): the model's own
+model/gpt/cpu_decode.py, built on first use), flopgpt's reference path (generate(fast=False): the model's own
 forward), transformers' generate (eager), and with --hf-static transformers with its static cache and
 torch.compile. Every timed call is a whole generate call; entries alternate, median of --repeats after one
 warm-up call each, so a load change on a shared machine hits every entry alike.
@@ -50,7 +50,7 @@ def parse_args(argv):
     p.add_argument("--no-hf", action="store_true", help="skip transformers (also when it is not installed)")
     p.add_argument("--no-reference", action="store_true", help="skip flopgpt's reference path (fast=False)")
     p.add_argument("--no-avx512", dest="avx512", action="store_false",
-                   help="skip the fast path with kernels='avx512' (model/gpt/cpu_gemv.py; skipped anyway where "
+                   help="skip the fast path with kernels='avx512' (model/gpt/cpu_decode.py; skipped anyway where "
                    "it cannot run)")
     args = p.parse_args(argv)
     for name in ("new_tokens", "prompt_len", "repeats", "beams", "batch_tokens"):
@@ -165,7 +165,7 @@ def _paths(mode: str, model, model_bf16, hfs, prompt, n: int, args) -> dict:
     """name -> (callable, dtype) for one row."""
     import torch
 
-    from model.gpt.cpu_gemv import unavailable
+    from model.gpt.cpu_decode import unavailable
     hf, hf_static = hfs
     beams = args.beams if mode == "beam" else 1
     opts = dict(temperature=0.8, top_k=40, top_p=0.9)

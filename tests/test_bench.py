@@ -7,7 +7,7 @@ import torch
 
 from conftest import ROOT, small
 from model import GPT
-from model.gpt import cpu_gemv
+from model.gpt import cpu_decode
 
 sys.path.insert(0, str(ROOT / "bench"))
 import profile_step  # noqa: E402
@@ -96,7 +96,7 @@ def test_sample_speed_runs_every_path_and_reports_tokens_per_second():
     rows = [line.split() for line in out.stdout.splitlines() if line.startswith(("greedy", "beam"))]
     paths = {" ".join(r[1:-6] if r[0] == "greedy" else r[2:-6]) for r in rows}
     expected = {"flopgpt fast fp32", "flopgpt reference fp32 (fast=False)", "flopgpt fast bf16"}
-    if cpu_gemv.unavailable(torch.bfloat16) is None:
+    if cpu_decode.unavailable(torch.bfloat16) is None:
         expected |= {"flopgpt fast fp32 avx512", "flopgpt fast bf16 avx512"}
     assert paths == expected
     assert all(float(r[-6].replace(",", "")) > 0 for r in rows)  # tokens/s
@@ -109,4 +109,4 @@ def test_decode_precision_reports_agreement_for_each_bf16_path():
     assert "bf16 forward: greedy tokens equal to fp32's: " in out.stdout
     avx = "bf16 decoding steps, kernels='avx512': "
     line = next(x for x in out.stdout.splitlines() if x.startswith(avx))
-    assert ("greedy tokens equal" in line) == (cpu_gemv.unavailable(torch.bfloat16) is None)
+    assert ("greedy tokens equal" in line) == (cpu_decode.unavailable(torch.bfloat16) is None)

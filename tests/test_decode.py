@@ -6,10 +6,10 @@ from model import GPT, GPTConfig
 from model.gpt.decode import Decoder, resolve_dtype
 
 
-def tiny_gpt(seed=0, vocab=37, block=16, n_layer=2, **kw):
+def tiny_gpt(seed=0, vocab=37, block=16, n_layer=2, n_head=2, n_embd=16, **kw):
     """Large random weights: peaked logits, so argmax and draws do not hinge on the last bit."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=2, n_embd=16, **kw))
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=n_layer, n_head=n_head, n_embd=n_embd, **kw))
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:

@@ -12,7 +12,7 @@ import sample as sample_mod
 from conftest import R50K as BPE_FILE
 from conftest import needs_r50k as needs_bpe
 from model import GPTConfig, TrainConfig
-from model.gpt import cpu_gemv
+from model.gpt import cpu_decode
 from model.training.checkpoint import load_model
 from model.training.data import prepare
 from model.training.tokenizer import StreamPrinter
@@ -146,7 +146,7 @@ def test_bfloat16_samples_like_the_api_in_bfloat16(monkeypatch, capsys, run_dir)
     assert out == greedy + "\n"
 
 
-@pytest.mark.skipif(cpu_gemv.unavailable(torch.bfloat16) is not None, reason="kernels='avx512' cannot run here")
+@pytest.mark.skipif(cpu_decode.unavailable(torch.bfloat16) is not None, reason="kernels='avx512' cannot run here")
 def test_avx512_kernels_sample_like_the_api(monkeypatch, capsys, run_dir):
     args = ("--start", "the ", "--num-samples", "1", "--max-new-tokens", "30", "--temperature", "0",
             "--dtype", "bfloat16", "--kernels", "avx512")
@@ -160,8 +160,8 @@ def test_avx512_kernels_sample_like_the_api(monkeypatch, capsys, run_dir):
 
 
 def test_avx512_kernels_where_they_cannot_run_is_one_line(monkeypatch, capsys, run_dir):
-    monkeypatch.setattr(cpu_gemv, "cpu_flags", lambda: {"avx2"})
-    monkeypatch.setattr(cpu_gemv.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_decode, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(cpu_decode.platform, "machine", lambda: "x86_64")
     code, out, err = cli(monkeypatch, capsys, run_dir, "--kernels", "avx512")
     lines = err.strip().splitlines()
     assert code == 2 and out == "" and len(lines) == 1, err

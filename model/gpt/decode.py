@@ -9,9 +9,10 @@ GPT.forward(idx, kv_cache=cache, last_only=True) with:
   is, a single row through torch.addmv (torch's reduced-precision gemv, fp32 accumulation);
 - weights and KV cache in `dtype` (bfloat16: half the bytes, so about twice the tokens/s at the memory
   roof); logits are returned in float32, and all sampling arithmetic stays in float32;
-- with kernels="avx512", the products of up to 4 rows (a step at batch 1, or of 4 beams) through
-  model.gpt.cpu_gemv, which streams the weights nearer the memory bandwidth than torch's kernels in bf16 and
-  for several rows (x86 CPUs with AVX-512; built on first use).
+- with kernels="avx512" (x86 CPUs with AVX-512; built on first use), a step of up to 4 rows (batch 1, or 4
+  beams) as one call of model.gpt.cpu_decode.step, which streams the weights nearer the memory bandwidth than
+  torch's kernels and dispatches no torch op per layer; other inputs' products of up to 4 rows through its
+  `linear`.
 Measured figures: docs/sampling.md. The reference path (fast=False) runs the model's own forward.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from . import cpu_gemv
+from . import cpu_decode
 from .kv_cache import KVCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,14 +49,14 @@ def check_kernels(kernels, dtype: torch.dtype, device) -> None:
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if kernels == "avx512":
-        cpu_gemv.check(dtype, device)
+        cpu_decode.check(dtype, device)
 
 
 class _Linear:
     """y = x Wᵀ + b with W stored for the cheapest kernel of its dtype: in float32 transposed, (in, out), the
     layout addmm takes with the fewest steps (Hugging Face's Conv1D layout); in bf16/fp16 as is, (out, in),
     the layout of torch's reduced-precision gemv, which one row uses (fp32 accumulation). With
-    kernels="avx512", W stays (out, in) and inputs of up to cpu_gemv.MAX_ROWS rows go to that kernel."""
+    kernels="avx512", W stays (out, in) and inputs of up to cpu_decode.MAX_ROWS rows go to that kernel."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, kernels: str):
         self.avx512 = kernels == "avx512"
@@ -67,8 +68,8 @@ class _Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # (N, in) -> (N, out)
         if not self.gemv:
             return torch.mm(x, self.weight) if self.bias is None else torch.addmm(self.bias, x, self.weight)
-        if self.avx512 and x.size(0) <= cpu_gemv.MAX_ROWS:
-            return cpu_gemv.linear(x, self.weight, self.bias)
+        if self.avx512 and x.size(0) <= cpu_decode.MAX_ROWS:
+            return cpu_decode.linear(x, self.weight, self.bias)
         if x.size(0) > 1:
             return F.linear(x, self.weight, self.bias)
         v = x.view(-1)  # (in,)
@@ -96,8 +97,9 @@ class Decoder:
 
     The matrices are copied once, here, in the layout their kernel wants (see _Linear): in float32 the
     decoder holds a second copy of the weight matrices while it lives (one generate/beam_search call).
-    dtype None keeps the model's dtype. kernels "torch" multiplies with torch's kernels, "avx512" the few-row
-    products with model.gpt.cpu_gemv's (checked with check_kernels first).
+    dtype None keeps the model's dtype. kernels "torch" multiplies with torch's kernels; "avx512" runs a step
+    of up to 4 rows through model.gpt.cpu_decode.step and other few-row products through its kernel (checked
+    with check_kernels first).
     Call it like the model: decoder(idx, cache) == model(idx, kv_cache=cache, last_only=True)[0][:, -1],
     in float32.
     """
@@ -118,6 +120,15 @@ class Decoder:
         self.blocks = [_Block(b, self.dtype, kernels) for b in model.transformer.h]
         self.ln_f = (cast(model.transformer.ln_f.weight), cast(model.transformer.ln_f.bias))
         self.tanh_gelu = self.config.activation == "gelu_tanh"
+        self.step_params = self._step_params() if kernels == "avx512" else None
+
+    def _step_params(self) -> list:
+        """The tensors of cpu_decode.step, in its order (cpu_decode.cpp)."""
+        params = [self.wte, self.pos.contiguous(), *self.ln_f, self.head.weight]
+        for b in self.blocks:
+            params += [*b.ln_1, b.c_attn.weight, b.c_attn.bias, b.attn_proj.weight, b.attn_proj.bias,
+                       *b.ln_2, b.c_fc.weight, b.c_fc.bias, b.mlp_proj.weight, b.mlp_proj.bias]
+        return [None if t is None else t.contiguous() for t in params]
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.config, batch_size, max_len, device=self.device, dtype=self.dtype)
@@ -125,6 +136,11 @@ class Decoder:
     def __call__(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """idx (B, T) continues the cache's positions -> next-token logits (B, V) in float32; the cache advances."""
         B, T = idx.shape
+        if self.step_params is not None and T == 1 and B <= cpu_decode.MAX_ROWS:  # one C++ call for the step
+            logits = cpu_decode.step(idx.reshape(B), cache.pos, self.step_params, cache.k, cache.v,
+                                     self.config.n_head, self.tanh_gelu)  # (B, V)
+            cache.pos += 1
+            return logits
         C = self.config.n_embd
         past, end = cache.pos, cache.pos + T
         x = F.embedding(idx, self.wte) + self.pos[past:end]  # (B, T, C)

@@ -1,10 +1,16 @@
-"""AVX-512 kernels for the few-row matrix products of CPU decoding, behind one setting: kernels="avx512".
+"""AVX-512 kernels for CPU decoding, behind one setting: kernels="avx512".
 
 A decoding step multiplies a few rows (one per sequence, one per beam) by every weight matrix, so its speed is
-how fast the weights stream from memory. torch's CPU kernels read them well below the bandwidth in bf16 and
-for several rows (bench/gemv.py); `linear` here streams each weight row once for up to 4 rows, accumulates in
-fp32 and prefetches ahead (cpu_gemv.cpp). Results equal F.linear's up to the order of the sums (and, in bf16,
-one rounding of the output).
+how fast the weights stream from memory; for a small model it is how many ops the step dispatches. Two entry
+points (cpu_decode.cpp):
+- `linear`: the product of up to 4 rows with one weight matrix, each weight row streamed once for all the rows,
+  fp32 accumulation, a prefetch ahead. torch's CPU kernels read the weights well below the bandwidth in bf16
+  and for several rows (bench/gemv.py). Results equal F.linear's up to the order of the sums (and, in bf16,
+  one rounding of the output).
+- `step`: a whole decoding step of up to 4 rows at one new position (embedding, every block with its cache
+  write and attention, the head) in one call, the products through the same kernel. In place of about 15
+  torch ops per layer. Activations stay in fp32; in bf16 only the inputs of the products and the cached
+  keys and values are rounded to bf16.
 
 The C++ is built with torch.utils.cpp_extension on first use (once, under a minute); the library is kept under
 torch's extensions folder (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and loads in a fraction of
@@ -22,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_gemv.cpp")
-NAME = "flopgpt_cpu_gemv"
+SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+NAME = "flopgpt_cpu_decode"
 MAX_ROWS = 4  # rows one pass over the weights serves; decode.py sends larger inputs to torch's GEMM
 
 
@@ -81,7 +87,7 @@ def _library():
     build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / f"{NAME}_{tag[:12]}"
     source = build / SOURCE.name
     if not any(build.glob(f"{NAME}*.so")):
-        print(f"building the AVX-512 decoding kernel (once, under a minute) in {build}", file=sys.stderr)
+        print(f"building the AVX-512 decoding kernels (once, under a minute) in {build}", file=sys.stderr)
     try:
         build.mkdir(parents=True, exist_ok=True)
         if not source.exists() or source.read_bytes() != code:
@@ -95,3 +101,11 @@ def _library():
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x (R, in) · w (out, in)ᵀ + b -> (R, out), one dtype (float32 or bfloat16), contiguous tensors."""
     return _library().linear(x, w, b)
+
+
+def step(idx: torch.Tensor, pos: int, params: list, k: torch.Tensor, v: torch.Tensor, n_head: int,
+         tanh_gelu: bool, eps: float = 1e-5) -> torch.Tensor:
+    """One decoding step of idx (R,) int64, R <= MAX_ROWS, at position pos -> logits (R, V) float32; writes
+    the keys and values of pos into the caches k, v (n_layer, R, n_head, max_len, head_dim). params: the
+    parameter list of cpu_decode.cpp's step, in the caches' dtype (Decoder builds it)."""
+    return _library().step(idx, pos, params, k, v, n_head, tanh_gelu, eps)
