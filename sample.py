@@ -54,8 +54,8 @@ def build_parser() -> OneLineParser:
                    help="weights and KV cache in this precision, logits in float32; float16 on CUDA only "
                    "(default %(default)s)")
     p.add_argument("--kernels", default="torch", choices=("torch", "avx512"),
-                   help="decoding's matrix kernels: torch's, or AVX-512 ones for x86 CPUs, nearer the memory "
-                   "bandwidth (built on first use; docs/sampling.md) (default %(default)s)")
+                   help="decoding steps through torch's ops, or each as one AVX-512 call on x86 CPUs, nearer the "
+                   "memory bandwidth (built on first use; docs/sampling.md) (default %(default)s)")
     p.add_argument("--threads", metavar="N", type=int, default=0,
                    help="CPU threads; 0 = one per core less those other programs keep busy (default %(default)s)")
     p.add_argument("--bpe-file", metavar="PATH", help="GPT-2 ranks file r50k_base.tiktoken, for the GPT-2 "

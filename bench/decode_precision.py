@@ -7,8 +7,9 @@ Teacher-forced: one sequence of --tokens + 1 token ids (uniformly random, seeded
 fp32 and through a bf16 copy (weights, activations and KV cache in bf16: the function `dtype="bfloat16"`
 decodes with; logits compared in fp32); at each of the --tokens positions the greedy (argmax) tokens are
 compared, and the logits' largest absolute difference and the fp32 logits' spread are reported. Where
-kernels="avx512" runs (model/gpt/cpu_decode.py), a second line does the same for bf16 decoding steps through those
-kernels: one token per step through the KV cache, as generate runs them.
+kernels="avx512" runs (model/gpt/cpu_decode.py), a second line does the same for bf16 decoding steps through
+its step: one token per step through the KV cache, as generate runs them, with bf16 weights and cache but fp32
+activations.
 """
 from __future__ import annotations
 

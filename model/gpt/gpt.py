@@ -205,7 +205,7 @@ class GPT(nn.Module):
         Stops early once every row has emitted eos_token_id. stats (a dict) receives the call's timing: see
         model.gpt.sampling.generate and model.flops.roofline.decoding_summary (tokens/s, GB/s, MBU, MFU).
         fast: the decoding path of model.gpt.decode; dtype: weights and cache in bfloat16/float16; kernels:
-        "avx512" for model.gpt.cpu_decode's matrix kernels on x86 CPUs.
+        "avx512" for model.gpt.cpu_decode's decoding step on x86 CPUs.
         """
         from .sampling import generate  # sampling drives the model: imported where used, not at load
         return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

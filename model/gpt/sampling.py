@@ -239,9 +239,9 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, *, temperature: floa
     fast=True (with the cache) decodes through model.gpt.decode, else through the model's forward: the same
     function. dtype ("bfloat16", "float16" on CUDA, "float32"; None: the model's) holds the weights and the
     cache in that precision (a cast copy of the weights, made per call: cast the model once to avoid it);
-    logits and sampling stay in float32. kernels="avx512" runs the fast path's few-row matrix products
-    through model.gpt.cpu_decode (x86 CPUs with AVX-512; built on first use): closer to the memory bandwidth in
-    bf16 and for several rows; "torch" (the default) uses torch's kernels.
+    logits and sampling stay in float32. kernels="avx512" runs each step of up to 4 rows as one call of
+    model.gpt.cpu_decode (x86 CPUs with AVX-512; built on first use): closer to the memory bandwidth, and no
+    per-op dispatch; "torch" (the default) uses torch's ops.
     """
     _check_prompt(model, idx)
     check("max_new_tokens", max_new_tokens, int, 0)
