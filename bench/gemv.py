@@ -4,8 +4,9 @@
 
 Each variant multiplies one input (1 or 4 rows) by every weight matrix of GPT-2 124M (12 layers of
 768x2304, 768x768, 768x3072 and 3072x768, then the 50257x768 lm_head: 124M weights, far more than the
-caches hold), one matrix after another, as a decoding step does. Printed: the best time of --repeats passes,
-the weight bytes over that time, and that over the STREAM bandwidth measured in the same run
+caches hold), one matrix after another, as a decoding step does. The variants take turns, one pass each per
+round, so a neighbour's load hits them alike. Printed: the best time of --repeats passes, the weight bytes over
+that time, and that over the STREAM bandwidth measured in the same run
 (model/flops/peaks.py), for the kernels model/gpt/decode.py uses (torch's, and with kernels="avx512" those of
 model/gpt/cpu_decode.py, built on first use) and the ones it does not.
 """
@@ -41,25 +42,30 @@ AVX512 = {  # kernels="avx512" (model/gpt/cpu_decode.py), where it runs
 }
 
 
-def timed(dtype, rows: int, layout: str, call, repeats: int) -> tuple[float, int]:
-    """(best seconds of one pass over every matrix, the weight bytes of a pass)."""
-    weights = [torch.randn(o, i).to(dtype) for o, i in SHAPES]  # (out, in)
-    if layout == "t":
-        weights = [w.t().contiguous() for w in weights]  # (in, out)
-    biases = [torch.randn(o).to(dtype) for o, _ in SHAPES]
-    inputs = {i: torch.randn(rows, i).to(dtype) for _, i in SHAPES}  # (rows, in)
-
-    def one_pass():
-        for (_, i), w, b in zip(SHAPES, weights, biases):
-            call(inputs[i], w, b)
-    best = float("inf")
+def timed(variants: dict, repeats: int) -> dict:
+    """{name: (best seconds of one pass over every matrix, the weight bytes of a pass)}. The variants take
+    turns, one pass each per round, so a neighbour's load on a shared machine hits them alike."""
+    weights, passes = {}, {}
+    for name, (dtype, rows, layout, call) in variants.items():
+        if (dtype, layout) not in weights:  # one set of matrices per dtype and layout, shared by its variants
+            ws = [torch.randn(o, i).to(dtype) for o, i in SHAPES]  # (out, in)
+            weights[dtype, layout] = ([w.t().contiguous() for w in ws] if layout == "t" else ws,  # (in, out)
+                                      [torch.randn(o).to(dtype) for o, _ in SHAPES])
+        ws, biases = weights[dtype, layout]
+        inputs = {i: torch.randn(rows, i).to(dtype) for _, i in SHAPES}  # (rows, in)
+        passes[name] = (lambda ws=ws, biases=biases, inputs=inputs, call=call:
+                        [call(inputs[i], w, b) for (_, i), w, b in zip(SHAPES, ws, biases)])
+    best = dict.fromkeys(variants, float("inf"))
     with torch.no_grad():
-        one_pass()  # warm-up
+        for one_pass in passes.values():
+            one_pass()  # warm-up
         for _ in range(repeats):
-            start = time.perf_counter()
-            one_pass()
-            best = min(best, time.perf_counter() - start)
-    return best, sum(w.numel() * w.element_size() for w in weights)
+            for name, one_pass in passes.items():
+                start = time.perf_counter()
+                one_pass()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return {name: (best[name], sum(w.numel() * w.element_size() for w in weights[v[0], v[2]][0]))
+            for name, v in variants.items()}
 
 
 def main(argv=None) -> int:
@@ -81,8 +87,7 @@ def main(argv=None) -> int:
             variants[name] = spec
         else:
             print(f"  {name}: skipped, {reason}")
-    for name, (dtype, rows, layout, call) in variants.items():
-        sec, nbytes = timed(dtype, rows, layout, call, args.repeats)
+    for name, (sec, nbytes) in timed(variants, args.repeats).items():
         print(f"  {name:42} {nbytes / 1e6:5.0f} MB  {sec * 1e3:6.1f} ms  {nbytes / sec / 1e9:5.1f} GB/s  "
               f"{nbytes / sec / bandwidth:6.1%} of STREAM")
     return 0

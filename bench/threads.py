@@ -2,13 +2,14 @@
 
     python bench/threads.py                       # training and sampling, 3 repeats (about 10 minutes)
     python bench/threads.py --repeats 5 --workloads train
+    python bench/threads.py --workloads sample --kernels avx512
 
 Each block is a fresh process of the real program, as a user runs it:
   train   python train.py --max_iters=S --eval_interval=1000 --progress=false (the default run's model and
           data, configs/default.toml): the median ms per step of its metrics.jsonl, the first WARM steps left
           out
-  sample  python sample.py --ckpt=<the first training block's run> --max-new-tokens=N: the whole process's
-          wall time, start-up included (what a user waits for)
+  sample  python sample.py --ckpt=<the first training block's run> --max-new-tokens=N --kernels=K: the whole
+          process's wall time, start-up included (what a user waits for)
 Variants:
   default            no setting: the program reads the load and chooses (model/training/threads.py)
   1 thread           --threads=1
@@ -51,6 +52,8 @@ def parse_args(argv):
                                                          "'2 spinning' beside a busy core, where a step takes seconds)")
     p.add_argument("--new-tokens", type=int, default=200, help="tokens per sample, 3 samples (default 200)")
     p.add_argument("--workloads", default="train,sample", help="train, sample or both (default train,sample)")
+    p.add_argument("--kernels", default="torch", choices=("torch", "avx512"),
+                   help="sample.py's --kernels (default torch; avx512: each decoding step one C++ call)")
     args = p.parse_args(argv)
     args.workloads = args.workloads.split(",")
     if any(w not in ("train", "sample") for w in args.workloads) or min(args.repeats, args.new_tokens) < 1 \
@@ -100,11 +103,11 @@ def train_block(variant: str, state: str, steps: int, out: Path) -> tuple[float,
     return statistics.median(dts), said
 
 
-def sample_block(variant: str, ckpt: Path, new_tokens: int) -> tuple[float, str]:
+def sample_block(variant: str, ckpt: Path, new_tokens: int, kernels: str) -> tuple[float, str]:
     args, extra = VARIANTS[variant]
     start = time.perf_counter()
-    subprocess.run([sys.executable, "sample.py", f"--ckpt={ckpt}", f"--max-new-tokens={new_tokens}", *args],
-                   cwd=ROOT, env=env_of(extra), check=True, capture_output=True)
+    subprocess.run([sys.executable, "sample.py", f"--ckpt={ckpt}", f"--max-new-tokens={new_tokens}",
+                    f"--kernels={kernels}", *args], cwd=ROOT, env=env_of(extra), check=True, capture_output=True)
     return (time.perf_counter() - start) * 1e3, ""
 
 
@@ -124,7 +127,7 @@ def measure(workload: str, args, tmp: Path) -> dict:
                     if workload == "train":
                         ms, said = train_block(variant, state, args.steps, tmp / "run")
                     else:
-                        ms, said = sample_block(variant, tmp / "run", args.new_tokens)
+                        ms, said = sample_block(variant, tmp / "run", args.new_tokens, args.kernels)
                     times[state][variant].append(ms)
                     if said and variant == "default":
                         print(f"  {state}, default: {said}", file=sys.stderr)
@@ -138,7 +141,8 @@ def measure(workload: str, args, tmp: Path) -> dict:
 
 def report(workload: str, times: dict, args) -> None:
     unit = "ms per training step" if workload == "train" else \
-        f"ms per `python sample.py` (3 samples x {args.new_tokens} tokens, start-up included)"
+        f"ms per `python sample.py --kernels={args.kernels}` (3 samples x {args.new_tokens} tokens, start-up " \
+        "included)"
     print(f"\n{workload}: {unit}, median of {args.repeats} repeats")
     print(f"  {'state':9} " + " ".join(f"{n:>11}" for n in VARIANTS) + "   default / the best fixed setting")
     for state, by_variant in times.items():

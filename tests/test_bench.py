@@ -10,6 +10,7 @@ from model import GPT
 from model.gpt import cpu_decode
 
 sys.path.insert(0, str(ROOT / "bench"))
+import gemv  # noqa: E402
 import profile_step  # noqa: E402
 import tilt  # noqa: E402
 import train_speed  # noqa: E402
@@ -110,3 +111,16 @@ def test_decode_precision_reports_agreement_for_each_bf16_path():
     avx = "bf16 decoding steps, kernels='avx512': "
     line = next(x for x in out.stdout.splitlines() if x.startswith(avx))
     assert ("greedy tokens equal" in line) == (cpu_decode.unavailable(torch.bfloat16) is None)
+
+
+def test_gemv_times_every_variant_in_turns(monkeypatch):
+    monkeypatch.setattr(gemv, "SHAPES", [(8, 4), (3, 8)])  # (out, in)
+    calls = []
+    variants = {name: (dtype, rows, layout, lambda x, w, b, name=name: calls.append(name))
+                for name, (dtype, rows, layout, _) in gemv.VARIANTS.items()}
+    got = gemv.timed(variants, repeats=2)
+    assert list(got) == list(variants)
+    for name, (sec, nbytes) in got.items():
+        assert sec > 0 and nbytes == (8 * 4 + 3 * 8) * variants[name][0].itemsize
+    n = len(variants)  # a warm-up pass each, then rounds in which every variant passes once, in order
+    assert calls[2 * n:] == [name for _ in range(2) for name in variants for _ in range(2)]
