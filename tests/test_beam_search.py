@@ -7,6 +7,7 @@ from torch.nn import functional as F
 
 from model import GPT, GPTConfig
 from model.gpt.kv_cache import _copy_order
+from model.gpt.sampling import _shared_prefix
 
 
 def tiny_gpt(seed=0, vocab=41, block=32, pos="learned", attention="sdpa"):
@@ -229,3 +230,23 @@ def test_kv_cache_reorder_under_autograd_keeps_working():
     before = cache.k[:, :, :, :2].detach().clone()
     cache.reorder(torch.tensor([1, 0]))
     assert torch.equal(cache.k[:, :, :, :2].detach(), before[:, [1, 0]])
+
+
+def test_shared_prefix_counts_the_tokens_each_beam_shares_with_its_source():
+    seqs = torch.tensor([[1, 2, 3, 4], [1, 2, 5, 6], [1, 7, 3, 4], [1, 2, 3, 4]])
+    assert _shared_prefix(seqs, torch.tensor([1, 0, 0, 2]), 4) == [2, 2, 1, 1]
+    assert _shared_prefix(seqs, torch.tensor([3, 1, 2, 0]), 4) == [4, 4, 4, 4]  # the same tokens: nothing to copy
+    assert _shared_prefix(seqs, torch.tensor([1, 0, 0, 2]), 2) == [2, 2, 1, 1]  # only the first cur tokens count
+
+
+def test_kv_cache_reorder_copies_only_positions_past_the_shared_prefix():
+    cache = tiny_gpt().new_cache(3, 8)
+    cache.k.copy_(torch.arange(cache.k.numel(), dtype=torch.float32).view(cache.k.shape))
+    cache.v.copy_(-cache.k)
+    cache.pos = 6
+    before = cache.k.clone()
+    cache.reorder(torch.tensor([1, 1, 0]), shared=[0, 6, 4])  # row 0 <- row 1 whole; row 2 <- row 0 from 4 on
+    expect = before.clone()
+    expect[:, 0, :, :6] = before[:, 1, :, :6]
+    expect[:, 2, :, 4:6] = before[:, 0, :, 4:6]  # positions 0-3 stay: equal to row 0's by the caller's word
+    assert torch.equal(cache.k, expect) and torch.equal(cache.v, -expect)

@@ -169,9 +169,9 @@ class _Window:
         logits, _ = self.model(x, kv_cache=cache, last_only=True)  # (N, 1, V)
         return logits[:, -1].float()  # (N, V)
 
-    def reorder(self, index: torch.Tensor, shared: int = 0) -> None:
-        """Keep rows `index`; their first `shared` tokens are equal (one prompt's beams): while the window has
-        not slid, their cache positions are too, and stay put."""
+    def reorder(self, index: torch.Tensor, shared: int | list[int] = 0) -> None:
+        """Keep rows `index`; each new row's first `shared` tokens (one count, or one per row) equal its
+        source's: while the window has not slid, their cache positions are equal too, and stay put."""
         if self.cache is not None:
             self.cache.reorder(index, shared if self.start == 0 else 0)
 
@@ -423,18 +423,27 @@ def _beam_search(model, idx: torch.Tensor, max_new_tokens: int, opts: BeamSettin
                                         opts.no_repeat_ngram_size)
         cand_score, cand_beam, cand_seq, ends = _candidates(beams, log_probs, cur, last=step == max_new_tokens - 1,
                                                             eos=opts.eos_token_id)
+        old = beams.running.view(B * nb, L)  # the beams whose keys and values the cache holds
         src_row = _keep_open(beams, cand_score, cand_beam, cand_seq, ends) + batch_base  # (B, nb)
         _keep_finished(beams, cand_score, cand_seq, ends, new_len=cur + 1 - T, opts=opts)
         _update_improvable(beams, opts, length=cur + 1 - T, max_length=L - T)
         stop = ~beams.improvable.any() | (beams.fin_done.all() & (opts.early_stopping is True)) | ends.all()
         if step == max_new_tokens - 1 or bool(stop):
             break
-        window.reorder(src_row.view(-1), shared=T)  # each beam continues a beam of its own prompt
+        window.reorder(src_row.view(-1), shared=_shared_prefix(old, src_row.view(-1), cur))
         logits = window.logits(beams.running.view(B * nb, L), cur + 1)  # (B·nb, V)
     R = opts.num_return_sequences
     seqs = beams.fin_seq[:, :R].reshape(B * R, L)  # (B·R, L)
     out_len = T + int(beams.fin_len[:, :R].max())
     return seqs[:, :out_len], beams.fin_score[:, :R].reshape(B * R)
+
+
+def _shared_prefix(seqs: torch.Tensor, index: torch.Tensor, cur: int) -> list[int]:
+    """For each row i of seqs (N, L), how many of its first cur tokens it shares with row index[i]: beams
+    descend from few ancestors, so a beam that continues another usually differs from it in its last few
+    tokens only, and the cache copies just those positions (rows of one prompt share at least the prompt)."""
+    differ = seqs[:, :cur] != seqs[index, :cur]  # (N, cur)
+    return torch.where(differ.any(dim=1), differ.int().argmax(dim=1), cur).tolist()  # (N,) first difference
 
 
 def _candidates(beams: _Beams, log_probs: torch.Tensor, cur: int, *, last: bool, eos: int | None):
