@@ -152,7 +152,10 @@ static inline void store(at::BFloat16* dst, const float* src, int64_t n) {  // r
 template <typename T>
 static float dot(const float* a, const T* b, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(load16(a + i, first(n - i)), load16(b + i, first(n - i)), acc);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = first(n - i);
+    acc = _mm512_fmadd_ps(load16(a + i, m), load16(b + i, m), acc);
+  }
   return _mm512_reduce_add_ps(acc);
 }
 
@@ -215,12 +218,14 @@ static torch::Tensor step_t(const torch::Tensor& idx, int64_t pos, const std::ve
                             torch::Tensor& kc, torch::Tensor& vc, int64_t nh, bool tanh_gelu, double eps) {
   auto P = [&](size_t i) -> const T* { return p[i] ? p[i]->template data_ptr<T>() : nullptr; };
   const int64_t R = idx.size(0), V = p[0]->size(0), C = p[0]->size(1), hs = C / nh, S = pos + 1;
-  const int64_t L = (p.size() - kFirst) / kPerLayer, max_len = kc.size(3);
+  const int64_t L = (p.size() - kFirst) / kPerLayer;
   auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
-  auto x = torch::empty({R, C}, f32), a = torch::empty({R, C}, f32), fc = torch::empty({R, 4 * C}, f32), qkv = torch::empty({R, 3 * C}, f32);
-  auto y = torch::empty({R, C}, f32), scores = torch::empty({R * nh, S}, f32), logits = torch::empty({R, V}, f32);
+  auto x = torch::empty({R, C}, f32), a = torch::empty({R, C}, f32), y = torch::empty({R, C}, f32);  // residual, work
+  auto qkv = torch::empty({R, 3 * C}, f32), fc = torch::empty({R, 4 * C}, f32), logits = torch::empty({R, V}, f32);
+  auto scores = torch::empty({R * nh, S}, f32);  // each (row, head)'s attention weights
   auto room = torch::empty({R, 4 * C}, kc.options());
-  float *xp = x.data_ptr<float>(), *ap = a.data_ptr<float>(), *fp = fc.data_ptr<float>(), *qp = qkv.data_ptr<float>(), *yp = y.data_ptr<float>();
+  float *xp = x.data_ptr<float>(), *ap = a.data_ptr<float>(), *yp = y.data_ptr<float>();
+  float *qp = qkv.data_ptr<float>(), *fp = fc.data_ptr<float>();
   T* rp = room.data_ptr<T>();
   for (int64_t r = 0; r < R; ++r) {  // token embedding + position
     const int64_t id = idx.data_ptr<int64_t>()[r * idx.stride(0)];
@@ -262,7 +267,8 @@ static torch::Tensor step_t(const torch::Tensor& idx, int64_t pos, const std::ve
 
 torch::Tensor step(torch::Tensor idx, int64_t pos, std::vector<std::optional<torch::Tensor>> params, torch::Tensor k,
                    torch::Tensor v, int64_t n_head, bool tanh_gelu, double eps) {
-  TORCH_CHECK(params.size() >= kFirst && (params.size() - kFirst) % kPerLayer == 0, "parameter list of 5 + 12·L expected");
+  TORCH_CHECK(params.size() >= kFirst && (params.size() - kFirst) % kPerLayer == 0,
+              "parameter list of 5 + 12·L expected");
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == torch::kLong, "idx (R,) int64 expected");
   TORCH_CHECK(1 <= idx.size(0) && idx.size(0) <= 4 && idx.size(0) == k.size(1), "1 to 4 rows, one per cache row");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && k.sizes() == v.sizes() && k.dim() == 5, "k, v caches");

@@ -34,10 +34,10 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, pos+T, hs)
 
-    def reorder(self, index: torch.Tensor, shared: int | list[int] = 0) -> None:
-        """Keep batch rows `index` (beam search: each new beam continues an old one). Positions [0, shared)
-        (one count, or one per new row) must already be equal in each row and its source, as they are where
-        the two rows hold the same tokens (the prompt; the history two beams still share): not copied."""
+    def reorder(self, index: torch.Tensor, shared: list[int] | None = None) -> None:
+        """Keep batch rows `index` (beam search: each new beam continues an old one). Row i's positions
+        [0, shared[i]) must already equal its source's, as they do where the two rows hold the same tokens
+        (the prompt; the history two beams still share): they are not copied. None: copy every position."""
         # the batch size changes (prompts -> beams), or autograd tracks the cache: fresh buffers
         if index.numel() != self.k.size(1) or self.k.requires_grad:
             self.k = self.k.index_select(1, index)
@@ -50,9 +50,8 @@ class KVCache:
         moves = {dst: src for dst, src in enumerate(index.tolist()) if dst != src}
         order = _copy_order(moves)
         if order is not None:
-            starts = [shared] * len(index) if isinstance(shared, int) else shared
             for dst in order:
-                start = min(starts[dst], self.pos)
+                start = min(shared[dst], self.pos) if shared is not None else 0
                 self.k[:, dst, :, start:self.pos].copy_(self.k[:, moves[dst], :, start:self.pos])
                 self.v[:, dst, :, start:self.pos].copy_(self.v[:, moves[dst], :, start:self.pos])
             return

@@ -169,11 +169,11 @@ class _Window:
         logits, _ = self.model(x, kv_cache=cache, last_only=True)  # (N, 1, V)
         return logits[:, -1].float()  # (N, V)
 
-    def reorder(self, index: torch.Tensor, shared: int | list[int] = 0) -> None:
-        """Keep rows `index`; each new row's first `shared` tokens (one count, or one per row) equal its
-        source's: while the window has not slid, their cache positions are equal too, and stay put."""
+    def reorder(self, index: torch.Tensor, shared: list[int] | None = None) -> None:
+        """Keep rows `index`; new row i's first shared[i] tokens equal its source's: while the window has not
+        slid, their cache positions are equal too, and stay put."""
         if self.cache is not None:
-            self.cache.reorder(index, shared if self.start == 0 else 0)
+            self.cache.reorder(index, shared if self.start == 0 else None)
 
 
 def _check_prompt(model, idx: torch.Tensor) -> None:
